@@ -79,6 +79,7 @@ class VocabBytes:
     pieces:     list of V bytes objects, the exact bytes of each id ("" for special tokens)
     lengths:    (V,) int64, len(pieces[i])
     special:    (V,) bool, special tokens: skipped by the decoder, zero width
+    added:      (V,) bool, added tokens (special or not): encoding splits the text around them
     whitespace: (V,) bool, pieces that are non-empty and all whitespace
     first_drop: (V,) int64, bytes the decoder drops when the id is the first token (Metaspace decoders
                 drop every '▁' of token 0); zeros otherwise
@@ -88,6 +89,7 @@ class VocabBytes:
     pieces: list
     lengths: np.ndarray
     special: np.ndarray
+    added: np.ndarray
     whitespace: np.ndarray
     first_drop: np.ndarray
     strip_spaces: int
@@ -141,6 +143,8 @@ def _build_vocab_bytes(tokenizer) -> VocabBytes:
     size = max(vocab.values()) + 1
     pieces: list = [b""] * size
     special = np.zeros(size, bool)
+    is_added = np.zeros(size, bool)
+    is_added[list(added)] = True
     first_drop = np.zeros(size, np.int64)
     u2b = _gpt2_unicode_to_bytes()
     for tok, i in vocab.items():
@@ -170,7 +174,7 @@ def _build_vocab_bytes(tokenizer) -> VocabBytes:
                 whitespace[i] = p.decode("utf-8").isspace()
             except UnicodeDecodeError:
                 pass
-    return VocabBytes(pieces, lengths, special, whitespace, first_drop, strip, kind)
+    return VocabBytes(pieces, lengths, special, is_added, whitespace, first_drop, strip, kind)
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -1,0 +1,201 @@
+"""GRPO advantages and the clipped objective of CME-GRPO: Eq. (2) and Appendix A of the paper.
+
+    r_{i,t}   = -CME_{i,t}                                          (Eq. 1; computed in reward.py)
+    A_{i,t}   = (r_{i,t} - mu_t) / sigma_t over the G responses of a prompt, at position t
+    rho_{i,t} = pi_theta(y_{i,t} | x, y_{i,<t}) / pi_theta_old(y_{i,t} | x, y_{i,<t})
+    L = -1/G sum_i 1/|y_i| sum_t min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL(pi_theta || pi_ref)   (Eq. 2)
+
+Choices the paper leaves open, stated here once:
+  1. sigma is the *unbiased* standard deviation (divide by n - 1, as torch.std and TRL's GRPO), over the
+     valid entries at a position. A position with fewer than 2 valid entries, or sigma <= eps
+     (default 1e-4 nats, far below any real spread of log-probabilities), gets advantage 0, never NaN.
+     Normalised advantages then have mean 0 and unbiased std 1 at every such position.
+  2. The KL term is the k3 estimator exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref
+     (Schulman, "Approximating KL divergence", 2020; DeepSeekMath Eq. 4), aggregated exactly like the
+     policy term: the per-sequence token mean, then the mean over sequences.
+  3. "Mean over sequences" divides by `num_sequences`, which the caller sets to the number of
+     responses in the whole optimizer step; each micro-batch's loss is then its exact share and
+     summing micro-batch gradients gives the full-batch gradient (no normaliser hidden in state).
+  4. |y_i| counts every response token (the loss mask). Tokens the reward masks keep A = 0, so they
+     add nothing to the policy term, but they still count in |y_i| and in the KL term.
+
+Shape letters: B responses (B = number of prompts x G), G group size, T generator tokens, L sequence
+length (prompt + response), V vocabulary, H hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["token_logprobs", "per_position_advantages", "sequence_advantages", "grpo_loss"]
+
+
+# --- per-token log-probabilities under a causal LM ---------------------------------------------------
+
+def _head(model):
+    """(weight (V, H), bias or None, transform of the logits) of a causal LM's output layer."""
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2/3: cap * tanh(logits / cap)
+    scale = getattr(cfg, "logit_scale", None)            # Cohere: logits * logit_scale
+    divide = getattr(cfg, "logits_scaling", None)        # Granite: logits / logits_scaling
+
+    def transform(logits):
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return lm_head.weight, getattr(lm_head, "bias", None), transform
+
+
+def _chunk_logprobs(hidden, targets, weight, bias, transform, with_entropy: bool):
+    """log p(targets) (and entropy) for N positions: hidden (N, H), targets (N,) -> (N,) float32."""
+    logits = transform(F.linear(hidden, weight, bias)).float()  # (N, V), the only V-wide tensor
+    lse = torch.logsumexp(logits, dim=-1)                        # (N,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    p = torch.softmax(logits, dim=-1)
+    return logp, lse - (p * logits).sum(-1)                      # H = logsumexp - E_p[logit]
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   target_mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                   with_entropy: bool = False):
+    """Per-token log-probabilities of the given tokens under a causal LM, chunked over positions.
+
+    model: a transformers causal LM (`*ForCausalLM`).
+    input_ids: (B, L) int64. attention_mask: (B, L) {0, 1}, right padding (None: all ones).
+    target_mask: (B, L) bool, the positions whose log-probability is wanted (None: all but position 0).
+    chunk_size: positions per output-layer chunk. The float32 logits of at most chunk_size positions
+        exist at once (chunk_size x V x 4 bytes: 1 GiB for V = 262,144 at 1,024), never (B, L, V).
+    with_entropy: also return the entropy of the model's next-token distribution (RENT baseline).
+    Returns logp (B, L) float32 with logp[b, j] = log p(input_ids[b, j] | input_ids[b, :j]) where
+    target_mask[b, j] and 0 elsewhere (position 0 has no context and is always 0); with_entropy, also
+    entropy (B, L) float32 of the distribution that predicted position j.
+    Gradient flows when autograd is enabled; each chunk's logits are then recomputed in the backward
+    pass (activation checkpointing) so the memory bound above holds for training too.
+    """
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if target_mask is None:
+        target_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    target_mask = target_mask.bool().clone()
+    target_mask[:, 0] = False
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state  # (B, L, H)
+    where = target_mask[:, 1:]                                       # (B, L-1): predicted positions
+    h = hidden[:, :-1][where]                                        # (N, H)
+    targets = input_ids[:, 1:][where]                                # (N,)
+    weight, bias, transform = _head(model)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (h[i:i + chunk_size], targets[i:i + chunk_size], weight, bias, transform, with_entropy)
+        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    flat = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
+    logp = hidden.new_zeros(B, L, dtype=torch.float32)
+    logp[:, 1:] = logp[:, 1:].masked_scatter(where, flat)
+    if not with_entropy:
+        return logp
+    entropy = hidden.new_zeros(B, L, dtype=torch.float32)
+    if ents:
+        entropy[:, 1:] = entropy[:, 1:].masked_scatter(where, torch.cat(ents))
+    return logp, entropy
+
+
+# --- advantages ------------------------------------------------------------------------------------
+
+def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
+                            eps: float = 1e-4) -> torch.Tensor:
+    """A_{i,t} = (r_{i,t} - mu_t) / sigma_t across the G responses of each prompt at position t.
+
+    rewards: (B, T) float, r_{i,t} (Eq. 1); rows i*G .. i*G+G-1 are the G responses of prompt i.
+    mask: (B, T) bool, valid entries (positions past a response's end, or with no verifier
+        counterpart, are False and take no part in mu_t and sigma_t).
+    group_size: G; B must be a multiple of it. eps: sigma below this counts as no spread.
+    Returns (B, T) float32 advantages; 0 at masked entries and at positions with fewer than 2 valid
+    entries or no spread. sigma_t is the unbiased standard deviation (module docstring, item 1).
+    """
+    B, T = rewards.shape
+    if B % group_size:
+        raise ValueError(f"batch of {B} responses is not a multiple of group size {group_size}")
+    r = rewards.float().reshape(-1, group_size, T)                  # (B/G, G, T)
+    m = mask.bool().reshape(-1, group_size, T)
+    n = m.sum(1, keepdim=True)                                      # (B/G, 1, T) valid entries
+    mu = torch.where(m, r, 0).sum(1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(m, (r - mu) ** 2, 0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    sigma = var.sqrt()
+    ok = m & (n >= 2) & (sigma > eps)
+    adv = torch.where(ok, (r - mu) / torch.where(ok, sigma, 1.0), 0.0)  # A_{i,t} = (r - mu_t) / sigma_t
+    return adv.reshape(B, T)
+
+
+def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mu) / sigma across the G responses of each prompt (Appendix A, sequence level).
+
+    rewards: (B,) float, one scalar per response (e.g. -CME(y_i) of Eq. 3). Same conventions as
+    `per_position_advantages`. Returns (B,) float32.
+    """
+    return per_position_advantages(rewards.reshape(-1, 1), torch.ones_like(rewards.reshape(-1, 1),
+                                                                          dtype=torch.bool),
+                                   group_size, eps).reshape(-1)
+
+
+# --- the loss --------------------------------------------------------------------------------------
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
+              num_sequences: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The CME-GRPO objective, Eq. (2).
+
+    logp: (B, T) float, log pi_theta(y_{i,t} | ...) with gradient.
+    old_logp: (B, T) float, log pi_theta_old at sampling time (no gradient; equal to logp.detach()
+        on-policy, where rho = 1).
+    advantages: (B, T) per-token (Eq. 1 reward) or (B,) per-sequence (Eq. 3 reward) float.
+    mask: (B, T) bool, response tokens (|y_i| = mask[i].sum()).
+    clip_eps: the PPO clip epsilon. beta: KL coefficient; ref_logp (B, T) is required when beta > 0.
+    num_sequences: the "G" of Eq. 2's 1/G, i.e. responses in the whole optimizer step when the step
+        is split into micro-batches (default B).
+    Returns (loss, metrics): loss a scalar tensor; metrics detached 0-dim tensors over valid tokens
+    only: clip_frac (share of tokens whose clip is active), ratio_mean, kl (when ref_logp is given),
+    tokens (the count they are averaged over, for weighting across micro-batches).
+    """
+    B, T = logp.shape
+    m = mask.to(logp.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(B, T)
+    if advantages.shape != (B, T):
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)} fit neither (B,) nor (B, T) = {(B, T)}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    num_sequences = B if num_sequences is None else num_sequences
+    length = m.sum(1).clamp(min=1)                                        # (B,) |y_i|
+
+    ratio = torch.exp(logp - old_logp)                                    # rho_{i,t}
+    pg1 = ratio * advantages
+    pg2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    per_token = -torch.min(pg1, pg2)                                      # Eq. 2, policy term
+    if ref_logp is not None:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1                                 # k3 estimator per token
+        if beta > 0:
+            per_token = per_token + beta * kl
+    loss = ((per_token * m).sum(1) / length).sum() / num_sequences        # 1/G sum_i 1/|y_i| sum_t
+
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+        metrics = {"clip_frac": (clipped * m).sum() / n, "ratio_mean": (ratio * m).sum() / n, "tokens": m.sum()}
+        if ref_logp is not None:
+            metrics["kl"] = (kl * m).sum() / n
+    return loss, metrics

@@ -1,0 +1,270 @@
+"""The batched verifier scorer of CME-GRPO: token-level CME (Eq. 1) and sequence-level CME (Eq. 3).
+
+    r_{i,t} = -CME_{i,t} = log p_verifier(y_{i,t}^aligned | x, y_{i,<t}^aligned)        (Eq. 1)
+    CME(y_i) = 1/S_i sum_s -log p_verifier(z_{i,s} | x, z_{i,<s}),   r_i = -CME(y_i)      (Eq. 3)
+
+How a (prompt, response) pair becomes the verifier's input, and where this departs from the paper:
+  1. Template. The verifier's chat template is rendered with the prompt as the user turn and a
+     sentinel as the assistant turn; everything before the sentinel is the prefix and the raw response
+     is spliced in after it (templates that trim or strip content cannot touch the response; the
+     rendered text already holds BOS, so nothing is added when encoding). The turn's closing tokens
+     are not scored. A verifier without a chat template gets `bos_token + PLAIN_TEMPLATE`.
+  2. Encoding. Prefix and response are encoded as one string, so the verifier sees its own canonical
+     tokenization. Special-token text is matched only up to the prefix's last added token; after it
+     (the template's tail and the whole response) special tokens are split, so a response that
+     contains the literal text "<|im_end|>" is scored as that text, never as a control token.
+  3. Boundary. A verifier token straddling the prefix/response boundary (Llama-2's "▁The" after
+     "[/INST] ", Qwen's merged newlines) belongs to the response and counts in full, its span clipped
+     to the response bytes. A token holding no response byte is not the response's (align.py, item 4).
+     The verifier's tokens of the response are exactly those; Eq. 3's S_i counts them.
+  4. Same tokenizer. When the verifier's tokenizer is the generator's, the generator's own ids are
+     scored after the prefix and the alignment is the identity (the same numbers as the general path
+     whenever the ids are the tokenizer's encoding of their text; for a non-canonical sampled
+     segmentation it scores the sampled tokens themselves).
+  5. An empty response has no verifier tokens: its Eq. 3 CME is NaN, which `grpo.sequence_advantages`
+     treats as a masked entry.
+
+Speed and memory: pairs are sorted by length and packed into micro-batches of at most `token_budget`
+padded tokens (length sorting keeps padding small); the verifier is frozen (`requires_grad_(False)`,
+`eval()`) and runs under `torch.inference_mode()` (no autograd bookkeeping); log-probabilities are
+computed in chunks of positions (`grpo.token_logprobs`) so no float32 (batch, length, vocab) logits
+tensor ever exists. Load it in bf16 on a GPU (`load_causal_lm`).
+
+Shape letters: B pairs, T generator tokens, S verifier tokens, L verifier sequence length.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from align import (align_logprobs, decode_response, encoding_byte_spans, text_to_response_bytes,
+                   tile_spans, token_byte_spans, token_bytes, vocab_bytes, whitespace_tokens)
+from grpo import token_logprobs
+
+__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "VerifierInput", "encode_pair", "same_tokenizer",
+           "load_causal_lm", "Verifier"]
+
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
+"""Prompt format for a tokenizer with no chat template (base models), after its BOS token if any."""
+
+_SENTINEL = "<<CME-GRPO-RESPONSE-7f3a>>"
+
+
+def prompt_prefix(tokenizer, prompt: str) -> str:
+    """The text that precedes the response: the chat template up to the assistant's content."""
+    if not getattr(tokenizer, "chat_template", None):
+        return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=prompt)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    at = rendered.find(_SENTINEL)
+    if at < 0:
+        raise ValueError("the chat template dropped the assistant turn's content; cannot place the response")
+    return rendered[:at]
+
+
+@dataclass
+class VerifierInput:
+    """One (prompt, response) pair as the verifier reads it.
+
+    ids: (L,) list of int, verifier token ids of prefix + response.
+    response: (R,) int64, positions in ids of the verifier tokens that hold response bytes.
+    spans: (R, 2) int64, their [start, end) bytes in the response text's UTF-8, tiling it.
+    """
+    ids: list
+    response: np.ndarray
+    spans: np.ndarray
+
+
+def encode_pair(tokenizer, prompt: str, response: str) -> VerifierInput:
+    """Build the verifier's input for a pair and locate the response's bytes in its tokens.
+
+    tokenizer: the verifier's fast tokenizer. prompt, response: text. See the module docstring.
+    """
+    prefix = prompt_prefix(tokenizer, prompt)
+    backend = tokenizer.backend_tokenizer
+    head = backend.encode(prefix, add_special_tokens=False)
+    added = vocab_bytes(tokenizer).added
+    last = max((k for k, i in enumerate(head.ids) if added[i]), default=-1)
+    cut = head.offsets[last][1] if last >= 0 else 0
+    head_ids, tail = head.ids[:last + 1], prefix[cut:] + response
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True  # set and restored by hand (ALIGNMENT-NOTES item 7)
+    try:
+        enc = backend.encode(tail, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = previous
+    start = len(prefix[cut:].encode("utf-8"))
+    spans = encoding_byte_spans(tokenizer, enc.ids, np.asarray(enc.offsets, np.int64), tail)
+    index, tiled = tile_spans(spans, start, start + len(response.encode("utf-8")))
+    index = index + len(head_ids)
+    if len(index) and index[0] == 0:
+        raise ValueError("the verifier input has no token before the response; the verifier needs a "
+                         "BOS token or a chat template")
+    return VerifierInput(list(head_ids) + list(enc.ids), index, tiled)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two fast tokenizers tokenize and decode identically (same model, rules and added tokens)."""
+    if a is b:
+        return True
+    keys = ("model", "normalizer", "pre_tokenizer", "decoder", "added_tokens")
+    ja, jb = (json.loads(t.backend_tokenizer.to_str()) for t in (a, b))
+    return all(ja.get(k) == jb.get(k) for k in keys)
+
+
+def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                   init: str = "pretrained", seed: int = 0, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a hub id or a local folder.
+
+    dtype: default bf16 on CUDA, fp32 on CPU. init: "pretrained" weights, or "random": the same
+    architecture with seeded random weights (the random-verifier control of Section 4).
+    Raises ValueError with one line when the name is neither a local folder nor a reachable hub id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if init == "random":
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        elif init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            raise ValueError(f"init must be 'pretrained' or 'random', not {init!r}")
+    except OSError as e:
+        raise ValueError(f"cannot load model {name!r}: not a local folder with a model, and not "
+                         f"reachable on the Hugging Face hub ({str(e).splitlines()[0]})") from None
+    return model.to(device), tokenizer
+
+
+class Verifier:
+    """A frozen verifier model that scores responses (Eq. 1 and Eq. 3), many pairs per call.
+
+    model: a transformers causal LM; frozen here. tokenizer: its fast tokenizer.
+    token_budget: padded tokens per micro-batch (rows x longest row).
+    chunk_size: positions per output-layer chunk (see grpo.token_logprobs).
+    mask_whitespace: Appendix B's whitespace masking (align.py, item 3).
+    """
+
+    def __init__(self, model, tokenizer, token_budget: int = 16384, chunk_size: int = 1024,
+                 mask_whitespace: bool = True):
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.token_budget = token_budget
+        self.chunk_size = chunk_size
+        self.mask_whitespace = mask_whitespace
+        self._same: dict = {}
+
+    # --- the batched forward ---
+    def logprobs(self, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray],
+                 progress: bool = False) -> list[np.ndarray]:
+        """Verifier log-probabilities of chosen tokens of many sequences.
+
+        ids: B sequences of token ids (lengths L_b). positions: B int arrays, the positions wanted.
+        Returns B float64 arrays, log p(ids[b][j] | ids[b][:j]) for j in positions[b].
+        """
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(ids)), key=lambda b: -len(ids[b]))  # longest first: little padding
+        batches, current = [], []
+        for b in order:
+            if current and (len(current) + 1) * len(ids[current[0]]) > self.token_budget:
+                batches.append(current)
+                current = []
+            current.append(b)
+        if current:
+            batches.append(current)
+        out: list = [None] * len(ids)
+        pad = self.tokenizer.pad_token_id or 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="verifier", unit="pair")
+        for batch in batches:
+            L = len(ids[batch[0]])
+            x = torch.full((len(batch), L), pad, dtype=torch.long)
+            attn = torch.zeros((len(batch), L), dtype=torch.long)
+            want = torch.zeros((len(batch), L), dtype=torch.bool)
+            for row, b in enumerate(batch):  # right padding: earlier positions never see it
+                x[row, :len(ids[b])] = torch.as_tensor(ids[b])
+                attn[row, :len(ids[b])] = 1
+                want[row, torch.as_tensor(positions[b], dtype=torch.long)] = True
+            with torch.inference_mode():
+                logp = token_logprobs(self.model, x.to(device), attn.to(device), want.to(device),
+                                      chunk_size=self.chunk_size).cpu().double().numpy()
+            for row, b in enumerate(batch):
+                out[b] = logp[row, positions[b]]
+            if bar:
+                bar.update(len(batch))
+        if bar:
+            bar.close()
+        return out
+
+    # --- Eq. 3 ---
+    def sequence_cme(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Sequence-level CME (Eq. 3): mean NLL over the verifier's own tokens of each response.
+
+        prompts, responses: B strings each. Returns (B,) float64 CME (the reward is its negative);
+        NaN for an empty response.
+        """
+        inputs = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        logps = self.logprobs([v.ids for v in inputs], [v.response for v in inputs], progress)
+        return np.array([-lp.mean() if len(lp) else np.nan for lp in logps])  # Eq. 3
+
+    # --- Eq. 1 ---
+    def token_rewards(self, prompts: Sequence[str], gen_tokenizer, gen_ids: Sequence[Sequence[int]],
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level rewards r_{i,t} = aligned verifier log-prob on the generator's tokens (Eq. 1).
+
+        prompts: B strings. gen_tokenizer: the generator's fast tokenizer.
+        gen_ids: B sequences of sampled generator ids (response only; EOS and padding may be there,
+            they have no text and are masked). T = the longest.
+        Returns (rewards (B, T) float32, mask (B, T) bool), both zero/False past each response's end.
+        """
+        key = id(gen_tokenizer)
+        if key not in self._same:
+            self._same[key] = same_tokenizer(gen_tokenizer, self.tokenizer)
+        identity = self._same[key]
+        B, T = len(gen_ids), max((len(g) for g in gen_ids), default=0)
+        rewards, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+        seqs, positions, plans = [], [], []
+        for prompt, ids in zip(prompts, gen_ids):
+            ids = np.asarray(ids, dtype=np.int64)
+            gspans = token_byte_spans(gen_tokenizer, ids)
+            whitespace = whitespace_tokens(gen_tokenizer, ids)
+            if identity:  # the verifier reads the generator's own tokens after its prefix
+                keep = np.flatnonzero(gspans[:, 1] > gspans[:, 0])
+                head = self.tokenizer.backend_tokenizer.encode(prompt_prefix(self.tokenizer, prompt),
+                                                               add_special_tokens=False).ids
+                seqs.append(list(head) + ids[keep].tolist())
+                positions.append(len(head) + np.arange(len(keep)))
+                plans.append((keep, whitespace, None))
+            else:
+                text = decode_response(token_bytes(gen_tokenizer, ids))
+                vin = encode_pair(self.tokenizer, prompt, text.text)
+                seqs.append(vin.ids)
+                positions.append(vin.response)
+                plans.append((gspans, whitespace, text_to_response_bytes(text, vin.spans)))
+        logps = self.logprobs(seqs, positions, progress)
+        for i, (plan, lp) in enumerate(zip(plans, logps)):
+            spans_or_keep, whitespace, vspans = plan
+            n = len(whitespace)
+            if vspans is None:  # identity alignment: position keep[k] gets the k-th log-prob
+                valid = np.zeros(n, bool)
+                valid[spans_or_keep] = True
+                aligned = np.zeros(n)
+                aligned[spans_or_keep] = lp
+                if self.mask_whitespace:
+                    valid &= ~whitespace
+                aligned[~valid] = 0.0
+            else:
+                aligned, valid = align_logprobs(spans_or_keep, vspans, lp, whitespace, self.mask_whitespace)
+            rewards[i, :n] = torch.from_numpy(aligned).float()
+            mask[i, :n] = torch.from_numpy(valid)
+        return rewards, mask
