@@ -56,7 +56,8 @@ def _head(model):
 
 def _chunk_logprobs(hidden, targets, weight, bias, transform, with_entropy: bool):
     """log p(targets) (and entropy) for N positions: hidden (N, H), targets (N,) -> (N,) float32."""
-    logits = transform(F.linear(hidden, weight, bias)).float()  # (N, V), the only V-wide tensor
+    logits = transform(F.linear(hidden, weight, bias))          # (N, V), the only V-wide tensor
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for the softmax
     lse = torch.logsumexp(logits, dim=-1)                        # (N,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:
@@ -76,7 +77,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     chunk_size: positions per output-layer chunk. The float32 logits of at most chunk_size positions
         exist at once (chunk_size x V x 4 bytes: 1 GiB for V = 262,144 at 1,024), never (B, L, V).
     with_entropy: also return the entropy of the model's next-token distribution (RENT baseline).
-    Returns logp (B, L) float32 with logp[b, j] = log p(input_ids[b, j] | input_ids[b, :j]) where
+    Returns logp (B, L) float32 (float64 for a float64 model) with logp[b, j] = log p(input_ids[b, j] | input_ids[b, :j]) where
     target_mask[b, j] and 0 elsewhere (position 0 has no context and is always 0); with_entropy, also
     entropy (B, L) float32 of the distribution that predicted position j.
     Gradient flows when autograd is enabled; each chunk's logits are then recomputed in the backward
@@ -102,12 +103,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
-    flat = torch.cat(logps) if logps else h.new_zeros(0, dtype=torch.float32)
-    logp = hidden.new_zeros(B, L, dtype=torch.float32)
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    flat = torch.cat(logps) if logps else h.new_zeros(0, dtype=out_dtype)
+    logp = hidden.new_zeros(B, L, dtype=out_dtype)
     logp[:, 1:] = logp[:, 1:].masked_scatter(where, flat)
     if not with_entropy:
         return logp
-    entropy = hidden.new_zeros(B, L, dtype=torch.float32)
+    entropy = hidden.new_zeros(B, L, dtype=out_dtype)
     if ents:
         entropy[:, 1:] = entropy[:, 1:].masked_scatter(where, torch.cat(ents))
     return logp, entropy
@@ -129,7 +131,7 @@ def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_siz
     B, T = rewards.shape
     if B % group_size:
         raise ValueError(f"batch of {B} responses is not a multiple of group size {group_size}")
-    r = rewards.float().reshape(-1, group_size, T)                  # (B/G, G, T)
+    r = rewards.double().reshape(-1, group_size, T)  # (B/G, G, T); float64: spreads can be tiny
     m = mask.bool().reshape(-1, group_size, T)
     n = m.sum(1, keepdim=True)                                      # (B/G, 1, T) valid entries
     mu = torch.where(m, r, 0).sum(1, keepdim=True) / n.clamp(min=1)
@@ -137,18 +139,19 @@ def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_siz
     sigma = var.sqrt()
     ok = m & (n >= 2) & (sigma > eps)
     adv = torch.where(ok, (r - mu) / torch.where(ok, sigma, 1.0), 0.0)  # A_{i,t} = (r - mu_t) / sigma_t
-    return adv.reshape(B, T)
+    return adv.reshape(B, T).float()
 
 
 def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mu) / sigma across the G responses of each prompt (Appendix A, sequence level).
 
-    rewards: (B,) float, one scalar per response (e.g. -CME(y_i) of Eq. 3). Same conventions as
-    `per_position_advantages`. Returns (B,) float32.
+    rewards: (B,) float, one scalar per response (e.g. -CME(y_i) of Eq. 3); a non-finite reward (the
+    NaN CME of an empty response) is a masked entry. Same conventions as `per_position_advantages`.
+    Returns (B,) float32.
     """
-    return per_position_advantages(rewards.reshape(-1, 1), torch.ones_like(rewards.reshape(-1, 1),
-                                                                          dtype=torch.bool),
-                                   group_size, eps).reshape(-1)
+    valid = torch.isfinite(rewards)
+    r = torch.where(valid, rewards, 0.0)
+    return per_position_advantages(r[:, None], valid[:, None], group_size, eps)[:, 0]
 
 
 # --- the loss --------------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     """
     B, T = logp.shape
     m = mask.to(logp.dtype)
-    if advantages.dim() == 1:
+    if advantages.shape == (B,):
         advantages = advantages[:, None].expand(B, T)
     if advantages.shape != (B, T):
         raise ValueError(f"advantages of shape {tuple(advantages.shape)} fit neither (B,) nor (B, T) = {(B, T)}")
