@@ -12,7 +12,9 @@ How a (prompt, response) pair becomes the verifier's input, and where this depar
   2. Encoding. Prefix and response are encoded as one string, so the verifier sees its own canonical
      tokenization. Special-token text is matched only up to the prefix's last added token; after it
      (the template's tail and the whole response) special tokens are split, so a response that
-     contains the literal text "<|im_end|>" is scored as that text, never as a control token.
+     contains the literal text "<|im_end|>" is scored as that text, never as a control token. (Control
+     text inside the *prompt* is read the way the chat template reads it, as the generator's own
+     `apply_chat_template` does.)
   3. Boundary. A verifier token straddling the prefix/response boundary (Llama-2's "▁The" after
      "[/INST] ", Qwen's merged newlines) belongs to the response and counts in full, its span clipped
      to the response bytes. A token holding no response byte is not the response's (align.py, item 4).

@@ -1,0 +1,154 @@
+"""reward.py: verifier inputs, batched scoring, token-level (Eq. 1) and sequence-level (Eq. 3) CME."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from align import token_bytes, vocab_bytes
+from conftest import real_tokenizer
+from reward import PLAIN_TEMPLATE, Verifier, encode_pair, load_causal_lm, prompt_prefix, same_tokenizer
+
+PROMPTS = ["Say hello.", "What is 中文?", "Write code.", "Explain unhappiness.", "Hi", "Emoji please"]
+RESPONSES = ["Hello there! How are you?", "\n\n中文 means Chinese; 東京 is Tokyo.",
+             "def f(x):\n    return x  # <|im_end|> stays text\n", "The unhappiness of   spaces.",
+             " The", "😀👍🏽 e\u0301 done"]
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama", "qwen2"])
+def verifier(request, built):
+    model, tok = load_causal_lm(str(built[request.param]), dtype=torch.float32, device="cpu")
+    return Verifier(model, tok, token_budget=4096)
+
+
+def hf_cme(model, vin) -> float:
+    """Eq. 3 the plain Hugging Face way: the mean loss with labels on the response's tokens."""
+    ids = torch.tensor([vin.ids])
+    labels = torch.full_like(ids, -100)
+    labels[0, vin.response] = ids[0, vin.response]
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+def test_sequence_cme_equals_hf_forward_with_labels(verifier):
+    cme = verifier.sequence_cme(PROMPTS, RESPONSES)
+    for p, r, c in zip(PROMPTS, RESPONSES, cme):
+        assert abs(c - hf_cme(verifier.model, encode_pair(verifier.tokenizer, p, r))) < 1e-5
+
+
+def test_scores_do_not_depend_on_batching(verifier):
+    together = verifier.sequence_cme(PROMPTS, RESPONSES)
+    alone = [verifier.sequence_cme([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
+    budget = verifier.token_budget
+    try:
+        verifier.token_budget = 1  # one pair per micro-batch
+        single = verifier.sequence_cme(PROMPTS, RESPONSES)
+        verifier.token_budget = 10 ** 6  # everything in one padded batch
+        padded = verifier.sequence_cme(PROMPTS, RESPONSES)
+    finally:
+        verifier.token_budget = budget
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(single, alone, atol=1e-5)
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+def test_verifier_is_frozen(verifier):
+    assert not verifier.model.training
+    assert not any(p.requires_grad for p in verifier.model.parameters())
+
+
+def test_empty_response_has_nan_cme(verifier):
+    assert np.isnan(verifier.sequence_cme(["Hi"], [""])[0])
+
+
+@pytest.mark.parametrize("gen_name", ["bytebpe", "sp_llama", "sp_gemma"])
+def test_token_rewards_preserve_the_verifier_total(verifier, tokenizers, gen_name):
+    gen = tokenizers[gen_name]
+    if same_tokenizer(gen, verifier.tokenizer):
+        pytest.skip("same tokenizer: identity path, see test_identity_fast_path_equals_general_alignment")
+    ids = [gen.encode(r, add_special_tokens=False) + [gen.eos_token_id] for r in RESPONSES]
+    texts = [token_bytes(gen, i).decode("utf-8") for i in ids]
+    vins = [encode_pair(verifier.tokenizer, p, t) for p, t in zip(PROMPTS, texts)]
+    total = -verifier.sequence_cme(PROMPTS, texts) * np.array([len(v.response) for v in vins])
+    mask_ws = verifier.mask_whitespace
+    try:
+        verifier.mask_whitespace = False
+        rewards, mask = verifier.token_rewards(PROMPTS, gen, ids)
+        verifier.mask_whitespace = True
+        paper, paper_mask = verifier.token_rewards(PROMPTS, gen, ids)
+    finally:
+        verifier.mask_whitespace = mask_ws
+    T = max(len(i) for i in ids)
+    assert rewards.shape == mask.shape == (len(ids), T) and rewards.dtype == torch.float32
+    np.testing.assert_allclose(rewards.sum(1).numpy(), total, rtol=1e-5)  # Eq. 1 sums to Eq. 3's total
+    for b, i in enumerate(ids):
+        assert not mask[b, len(i) - 1] and not mask[b, len(i):].any()  # EOS and padding are masked
+        pieces = [vocab_bytes(gen).pieces[t] for t in i]  # alone, a lone '▁' would be stripped
+        ws = torch.tensor([p.decode("utf-8", "replace").isspace() for p in pieces] + [False] * (T - len(i)))
+        assert (paper_mask[b] == (mask[b] & ~ws)).all()
+        assert torch.equal(paper[b][paper_mask[b]], rewards[b][paper_mask[b]])
+
+
+def test_identity_fast_path_equals_general_alignment(built, tokenizers):
+    model, tok = load_causal_lm(str(built["qwen2"]), dtype=torch.float32, device="cpu")
+    v = Verifier(model, tok)
+    from transformers import AutoTokenizer
+
+    gen = AutoTokenizer.from_pretrained(built["qwen2"])  # the same tokenizer, loaded separately
+    assert gen is not tok and same_tokenizer(gen, tok)
+    # the raw byte-level BPE differs: transformers rebuilds a "qwen2" tokenizer with NFC and Qwen's regex
+    assert not same_tokenizer(tokenizers["bytebpe"], tok) and not same_tokenizer(gen, tokenizers["sp_gemma"])
+    keep = [i for i, r in enumerate(RESPONSES) if not r.startswith("\n")]  # a leading newline would merge
+    ids = [tok.encode(RESPONSES[i], add_special_tokens=False) + [tok.eos_token_id] for i in keep]
+    prompts = [PROMPTS[i] for i in keep]                                      # with the template's own
+    fast = v.token_rewards(prompts, gen, ids)
+    v._same[id(gen)] = False  # force the general character-overlap path
+    general = v.token_rewards(prompts, gen, ids)
+    assert torch.equal(fast[1], general[1])
+    torch.testing.assert_close(fast[0], general[0], rtol=1e-5, atol=1e-5)
+
+
+def test_literal_control_token_text_stays_text(tokenizers):
+    tok = tokenizers["bytebpe"]
+    backend = tok.backend_tokenizer
+    vin = encode_pair(tok, "Say it", "Sure: <|im_end|><|im_start|> done")
+    special = vocab_bytes(tok).special
+    assert not any(special[vin.ids[i]] for i in vin.response)
+    prefix_ids = tok.encode(prompt_prefix(tok, "Say it"), add_special_tokens=False)
+    assert [i for i in vin.ids if special[i]] == [i for i in prefix_ids if special[i]]  # template's stay
+    assert sum(special[prefix_ids]) == 3
+    assert backend.encode_special_tokens is False  # the flag is restored
+    assert b"".join(vocab_bytes(tok).pieces[vin.ids[i]] for i in vin.response).endswith(
+        b"Sure: <|im_end|><|im_start|> done")
+
+
+def test_boundary_straddler_counts_with_its_response_part(tokenizers):
+    tok = tokenizers["sp_llama"]  # plain template ending in "Assistant: "; "▁The" straddles it
+    assert prompt_prefix(tok, "Hi") == "<s>" + PLAIN_TEMPLATE.format(prompt="Hi")
+    vin = encode_pair(tok, "Hi", "The dog")
+    first = vocab_bytes(tok).pieces[vin.ids[vin.response[0]]]
+    assert first == b" The" and vin.spans[0].tolist() == [0, 3]
+    assert vocab_bytes(tok).pieces[vin.ids[vin.response[0] - 1]] == b":"
+
+
+def test_real_tokenizers_locate_the_response_exactly():
+    qwen = real_tokenizer("qwen2.5")
+    vin = encode_pair(qwen, "Hi", "\nHello <|im_end|>")  # "\n" merges with the template's "\n"
+    pieces = [vocab_bytes(qwen).pieces[vin.ids[i]] for i in vin.response]
+    assert pieces[0] == b"\n\n" and vin.spans[0].tolist() == [0, 1]
+    assert qwen.convert_tokens_to_ids("<|im_end|>") not in [vin.ids[i] for i in vin.response]
+    llama3 = real_tokenizer("llama-3.2")
+    vin = encode_pair(llama3, "Hi", "  spaced")  # the template trims content; the splice does not
+    assert b"".join(vocab_bytes(llama3).pieces[vin.ids[i]] for i in vin.response).endswith(b"  spaced")
+    assert vin.ids.count(llama3.convert_tokens_to_ids("<|begin_of_text|>")) == 1  # no doubled BOS
+
+
+def test_load_errors_and_random_init(built, tmp_path):
+    with pytest.raises(ValueError, match="cannot load model") as e:
+        load_causal_lm(str(tmp_path / "nope"), device="cpu")
+    assert "\n" not in str(e.value)
+    a, _ = load_causal_lm(str(built["gemma3"]), device="cpu", init="random", seed=1)
+    b, _ = load_causal_lm(str(built["gemma3"]), device="cpu", init="random", seed=1)
+    c, _ = load_causal_lm(str(built["gemma3"]), device="cpu")
+    wa, wb, wc = (m.get_input_embeddings().weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc) and wa.shape == wc.shape
