@@ -243,14 +243,21 @@ def token_bytes(tokenizer, ids: Sequence[int] | np.ndarray) -> bytes:
     table = vocab_bytes(tokenizer)
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     lengths = _lengths(table, ids)
-    out = []
-    for i, n in zip(ids.tolist(), lengths.tolist()):
-        if n:
-            piece = table.pieces[i]
-            if table.first_drop[i] and not out:
-                piece = piece.replace(b" ", b"", int(table.first_drop[i]))
-            out.append(piece[len(piece) - n:])  # position rules only ever remove leading bytes
-    return b"".join(out)
+    nz = np.flatnonzero(lengths)
+    if nz.size == 0:
+        return b""
+    # position rules only touch the first tokens: Strip removes leading bytes, Metaspace its '▁'s
+    head = []
+    for i in nz:
+        piece = table.pieces[ids[i]]
+        if i == nz[0] and table.first_drop[ids[i]]:
+            piece = piece.replace(b" ", b"", int(table.first_drop[ids[i]]))
+        piece = piece[len(piece) - lengths[i]:]
+        head.append(piece)
+        if len(piece) == table.lengths[ids[i]]:
+            break
+    rest = ids[nz[len(head):]].tolist()
+    return b"".join(head) + b"".join(map(table.pieces.__getitem__, rest))
 
 
 def whitespace_tokens(tokenizer, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -329,7 +336,7 @@ def encoding_byte_spans(tokenizer, ids: Sequence[int], char_offsets: np.ndarray,
     table = vocab_bytes(tokenizer)
     inside = ids_a < len(table.pieces)
     lengths = np.where(inside, table.lengths[np.where(inside, ids_a, 0)], 0)
-    spelled = b"".join(table.pieces[i] for i in ids_a[inside].tolist())
+    spelled = b"".join(map(table.pieces.__getitem__, ids_a[inside].tolist()))
     extra = len(spelled) - len(raw)
     if extra >= 0 and spelled.endswith(raw):
         ends = np.cumsum(lengths) - extra

@@ -47,7 +47,7 @@ from align import (align_logprobs, decode_response, encoding_byte_spans, text_to
                    tile_spans, token_byte_spans, token_bytes, vocab_bytes, whitespace_tokens)
 from grpo import token_logprobs
 
-__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "VerifierInput", "encode_pair", "same_tokenizer",
+__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "VerifierInput", "encode_pairs", "encode_pair", "same_tokenizer",
            "load_causal_lm", "Verifier"]
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
@@ -81,32 +81,43 @@ class VerifierInput:
     spans: np.ndarray
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> VerifierInput:
-    """Build the verifier's input for a pair and locate the response's bytes in its tokens.
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> list[VerifierInput]:
+    """Build the verifier's inputs for many pairs and locate each response's bytes in its tokens.
 
-    tokenizer: the verifier's fast tokenizer. prompt, response: text. See the module docstring.
+    tokenizer: the verifier's fast tokenizer. prompts, responses: B strings each. See the module
+    docstring for the rules. The encoding runs batched in the tokenizer's Rust threads.
     """
-    prefix = prompt_prefix(tokenizer, prompt)
     backend = tokenizer.backend_tokenizer
-    head = backend.encode(prefix, add_special_tokens=False)
     added = vocab_bytes(tokenizer).added
-    last = max((k for k, i in enumerate(head.ids) if added[i]), default=-1)
-    cut = head.offsets[last][1] if last >= 0 else 0
-    head_ids, tail = head.ids[:last + 1], prefix[cut:] + response
+    prefixes = [prompt_prefix(tokenizer, p) for p in prompts]
+    heads, cuts = [], []
+    for enc in backend.encode_batch(prefixes, add_special_tokens=False):
+        last = max((k for k, i in enumerate(enc.ids) if added[i]), default=-1)
+        heads.append(enc.ids[:last + 1])  # up to the prefix's last added token, specials matched
+        cuts.append(enc.offsets[last][1] if last >= 0 else 0)
+    tails = [p[c:] + r for p, c, r in zip(prefixes, cuts, responses)]
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True  # set and restored by hand (ALIGNMENT-NOTES item 7)
     try:
-        enc = backend.encode(tail, add_special_tokens=False)
+        encs = backend.encode_batch(tails, add_special_tokens=False)
     finally:
         backend.encode_special_tokens = previous
-    start = len(prefix[cut:].encode("utf-8"))
-    spans = encoding_byte_spans(tokenizer, enc.ids, np.asarray(enc.offsets, np.int64), tail)
-    index, tiled = tile_spans(spans, start, start + len(response.encode("utf-8")))
-    index = index + len(head_ids)
-    if len(index) and index[0] == 0:
-        raise ValueError("the verifier input has no token before the response; the verifier needs a "
-                         "BOS token or a chat template")
-    return VerifierInput(list(head_ids) + list(enc.ids), index, tiled)
+    out = []
+    for head, prefix, cut, tail, response, enc in zip(heads, prefixes, cuts, tails, responses, encs):
+        start = len(prefix[cut:].encode("utf-8"))
+        spans = encoding_byte_spans(tokenizer, enc.ids, np.asarray(enc.offsets, np.int64), tail)
+        index, tiled = tile_spans(spans, start, start + len(response.encode("utf-8")))
+        index = index + len(head)
+        if len(index) and index[0] == 0:
+            raise ValueError("the verifier input has no token before the response; the verifier needs a "
+                             "BOS token or a chat template")
+        out.append(VerifierInput(list(head) + list(enc.ids), index, tiled))
+    return out
+
+
+def encode_pair(tokenizer, prompt: str, response: str) -> VerifierInput:
+    """`encode_pairs` for one (prompt, response) pair."""
+    return encode_pairs(tokenizer, [prompt], [response])[0]
 
 
 def same_tokenizer(a, b) -> bool:
@@ -215,7 +226,7 @@ class Verifier:
         prompts, responses: B strings each. Returns (B,) float64 CME (the reward is its negative);
         NaN for an empty response.
         """
-        inputs = [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        inputs = encode_pairs(self.tokenizer, prompts, responses)
         logps = self.logprobs([v.ids for v in inputs], [v.response for v in inputs], progress)
         return np.array([-lp.mean() if len(lp) else np.nan for lp in logps])  # Eq. 3
 
@@ -236,23 +247,25 @@ class Verifier:
         B, T = len(gen_ids), max((len(g) for g in gen_ids), default=0)
         rewards, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
         seqs, positions, plans = [], [], []
-        for prompt, ids in zip(prompts, gen_ids):
-            ids = np.asarray(ids, dtype=np.int64)
+        gen_ids = [np.asarray(ids, dtype=np.int64) for ids in gen_ids]
+        if identity:  # the verifier reads the generator's own tokens after its prefix
+            heads = self.tokenizer.backend_tokenizer.encode_batch(
+                [prompt_prefix(self.tokenizer, p) for p in prompts], add_special_tokens=False)
+        else:
+            texts = [decode_response(token_bytes(gen_tokenizer, ids)) for ids in gen_ids]
+            vins = encode_pairs(self.tokenizer, prompts, [t.text for t in texts])
+        for i, ids in enumerate(gen_ids):
             gspans = token_byte_spans(gen_tokenizer, ids)
             whitespace = whitespace_tokens(gen_tokenizer, ids)
-            if identity:  # the verifier reads the generator's own tokens after its prefix
-                keep = np.flatnonzero(gspans[:, 1] > gspans[:, 0])
-                head = self.tokenizer.backend_tokenizer.encode(prompt_prefix(self.tokenizer, prompt),
-                                                               add_special_tokens=False).ids
-                seqs.append(list(head) + ids[keep].tolist())
-                positions.append(len(head) + np.arange(len(keep)))
+            if identity:
+                keep = np.flatnonzero(gspans[:, 1] > gspans[:, 0])  # tokens with text, in order
+                seqs.append(list(heads[i].ids) + ids[keep].tolist())
+                positions.append(len(heads[i].ids) + np.arange(len(keep)))
                 plans.append((keep, whitespace, None))
             else:
-                text = decode_response(token_bytes(gen_tokenizer, ids))
-                vin = encode_pair(self.tokenizer, prompt, text.text)
-                seqs.append(vin.ids)
-                positions.append(vin.response)
-                plans.append((gspans, whitespace, text_to_response_bytes(text, vin.spans)))
+                seqs.append(vins[i].ids)
+                positions.append(vins[i].response)
+                plans.append((gspans, whitespace, text_to_response_bytes(texts[i], vins[i].spans)))
         logps = self.logprobs(seqs, positions, progress)
         for i, (plan, lp) in enumerate(zip(plans, logps)):
             spans_or_keep, whitespace, vspans = plan
