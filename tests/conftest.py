@@ -12,7 +12,6 @@ Real tokenizers from ../shared/tokenizers are used where that folder exists.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import demo  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
 
 SHARED = ROOT.parent / "shared"
 REAL_TOKENIZERS = ["qwen2.5", "llama-3.2", "llama-2", "mistral-7b-v0.1"]
@@ -42,106 +43,21 @@ CORPUS = [
     "   leading spaces, trailing spaces   \n\n\n   and tabs\t\there.",
 ]
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
-         "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
-         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def _corpus(repeat: int = 20):
     return [line for _ in range(repeat) for line in CORPUS]
 
 
-def build_bytebpe(path: Path, vocab_size: int = 600) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
-    tok.add_tokens(["<tool_call>"])  # added, not special: ordinary text
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   clean_up_tokenization_spaces=False)
-    fast.chat_template = CHATML
-    fast.save_pretrained(path)
-    return path
+def build_bytebpe(path: Path) -> Path:
+    return demo.build_bytebpe(path, _corpus())
 
 
-def build_sentencepiece(path: Path, gemma: bool, vocab_size: int = 500) -> Path:
-    """SentencePiece-style BPE with byte fallback, built from a BPE trained on '▁'-marked words."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    trainer_tok = Tokenizer(models.BPE())
-    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
-    trainer_tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=120, show_progress=False)
-    trainer_tok.train_from_iterator(_corpus(), trainer)
-    learned = json.loads(trainer_tok.to_str())["model"]
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for t in sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(t, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    if gemma:
-        tok.normalizer = normalizers.Replace(" ", "\u2581")
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    else:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    if gemma:
-        tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<end_of_turn>",
-                                       pad_token="<pad>", unk_token="<unk>", clean_up_tokenization_spaces=False)
-        fast.chat_template = GEMMA
-    else:
-        tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>", clean_up_tokenization_spaces=False)
-    fast.save_pretrained(path)
-    return path
+def build_sentencepiece(path: Path, gemma: bool) -> Path:
+    return demo.build_sentencepiece(path, _corpus(), gemma=gemma)
 
 
-def build_model(path: Path, tokenizer_path: Path, family: str, seed: int = 0, extra_rows: int = 13) -> Path:
-    """A tiny random-init causal LM of `family`, with the tokenizer at tokenizer_path, saved to path.
-
-    The embedding has `extra_rows` more rows than the tokenizer has tokens (like Qwen2.5's padding rows).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    V = len(tok) + extra_rows
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if family == "qwen2":
-        from transformers import Qwen2Config as C
-        config = C(**common)
-    elif family == "gemma3":
-        from transformers import Gemma3TextConfig as C
-        config = C(**common, head_dim=8, sliding_window=16, final_logit_softcapping=30.0)
-    elif family == "llama":
-        from transformers import LlamaConfig as C
-        config = C(**common)
-    else:
-        raise ValueError(family)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # larger logits than the default init, so log-probs vary visibly
-        model.get_output_embeddings().weight.normal_(0, 0.5)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+build_model = demo.build_model  # noqa: E305
 
 
 @pytest.fixture(scope="session")

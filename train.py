@@ -1,0 +1,642 @@
+"""CME-GRPO training: GRPO with the cross-model-entropy reward (Section 2, Appendix A, Appendix E).
+
+    python train.py --gen Qwen/Qwen2.5-0.5B                    # the paper's setting (Appendix E)
+    python train.py --gen DIR --verifier DIR --prompts FILE    # local models and prompts
+    python train.py --demo                                     # offline toy world, ~3 min on a CPU
+
+Each optimizer step: 16 prompts x G = 8 sampled responses (temperature 1, top-p 1, up to 2,048 new
+tokens); each response scored by the frozen verifier (Eq. 1 per token, or Eq. 3 per sequence);
+advantages normalised per prompt group (per position for Eq. 1); one AdamW step on the clipped
+objective of Eq. 2, accumulated over micro-batches.
+
+Departures from, and readings of, the paper:
+  1. One policy update per rollout batch, as Appendix E's 128 completions per update imply: pi_old is
+     the policy that sampled, so rho = 1 at the update (old_logp = logp.detach()) and the clip is
+     inactive; Eq. 2 is still computed in full (grpo.grpo_loss) and its clip fraction logged.
+  2. Sampling uses exactly the configured values: the checkpoint's own generation_config (Qwen2.5
+     Instruct ships temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05) is set aside at
+     load and restored in the saved checkpoints, and top-k is disabled.
+  3. Prompts go through the generator's chat template (add_generation_prompt); a base model with no
+     template gets `bos_token + reward.PLAIN_TEMPLATE`, the format the verifier uses for such models.
+  4. `--reward rent` is the self-entropy baseline of Table 2: r_i = -(mean token entropy of the
+     generator's own next-token distributions over y_i), with sequence-level advantages.
+  5. `--verifier-init random` is Section 4's control: the verifier's architecture with seeded random
+     weights (its tokenizer is the real one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align import decode_response, token_bytes
+from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm
+
+# Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Every hyperparameter of a run; defaults from Appendix E of the paper."""
+    gen: str = _f("Qwen/Qwen2.5-0.5B", "generator to train: hub id or local folder")
+    verifier: str = _f("google/gemma-3-1b-it", "frozen verifier: hub id or local folder (Section 3 uses "
+                       "google/gemma-3n-E4B-it)")
+    verifier_init: str = _f("pretrained", "verifier weights: pretrained | random (Section 4 control)",
+                            choices=["pretrained", "random"])
+    reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2)",
+                     choices=["token", "sequence", "rent"])
+    mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
+    prompts: str = _f("openbmb/UltraFeedback", "hub dataset id or dataset folder, or a local .jsonl / .json / "
+                      ".txt file")
+    prompt_field: str = _f("instruction", "field holding the prompt in dataset rows and JSON objects")
+    split: str = _f("train", "dataset split (hub datasets only)")
+    num_prompts: int = _f(5000, "seeded subset of the deduplicated prompts")
+    seed: int = _f(0, "seed for the prompt subset and order, sampling and the random verifier")
+    group_size: int = _f(8, "G: responses sampled per prompt")
+    prompts_per_step: int = _f(16, "prompts per optimizer step (x G responses, accumulated)")
+    micro_batch: int = _f(4, "responses per forward/backward micro-batch")
+    gen_batch: int = _f(128, "responses generated per generate() call")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling p")
+    max_new_tokens: int = _f(2048, "maximum response length in generator tokens")
+    lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0 over the epoch")
+    grad_clip: float = _f(1.0, "gradient-norm clip")
+    clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2")
+    beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model")
+    epochs: int = _f(1, "passes over the prompts")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    verifier_token_budget: int = _f(16384, "padded tokens per verifier micro-batch")
+    logprob_chunk: int = _f(1024, "positions per output-layer chunk (float32 logits of this many exist)")
+    out: str = _f("runs/cme-grpo", "output folder: metrics, samples, checkpoints, curves")
+    save_every: int = _f(50, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "intermediate checkpoints kept on disk")
+    sample_every: int = _f(10, "log samples with per-token verifier surprise every N steps")
+    num_samples: int = _f(2, "samples logged each time")
+    resume: bool = _f(False, "continue from the latest checkpoint in --out")
+    trust_remote_code: bool = _f(False, "allow model repos to run their own code")
+    device: str = _f("auto", "auto | cpu | cuda")
+    demo: bool = _f(False, "run the offline toy demo instead (see `demo`)")
+
+
+def parse_config(argv=None) -> Config:
+    """Turn Config into a CLI: --field-name VALUE, booleans as --flag / --no-flag."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type in ("bool", bool):
+            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            ap.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"),
+                            help=f"{meta['help']} (default: {f.default})")
+    return Config(**vars(ap.parse_args(argv)))
+
+
+def check_config(cfg: Config) -> None:
+    """Reject inconsistent settings with one clear line each."""
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size}: GRPO needs at least 2 responses per prompt")
+    for name in ("prompts_per_step", "micro_batch", "gen_batch", "max_new_tokens", "num_prompts", "epochs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if not 0 < cfg.clip_eps < 1 or cfg.beta < 0 or not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
+        raise ValueError("need 0 < --clip-eps < 1, --beta >= 0, 0 < --top-p <= 1 and --temperature > 0")
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+
+def _read_prompt_file(path: Path, key: str) -> list[str]:
+    def pick(obj, where):
+        if isinstance(obj, str):
+            return obj
+        if isinstance(obj, dict) and isinstance(obj.get(key), str):
+            return obj[key]
+        raise ValueError(f"{where}: expected a string or an object with a string {key!r} field")
+
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(pick(json.loads(line), f"{path}:{n}"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        return out
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of prompts")
+        return [pick(x, f"{path}: item {i}") for i, x in enumerate(data)]
+    raise ValueError(f"{path}: prompt files must end in .jsonl, .json or .txt")
+
+
+def load_prompts(cfg: Config) -> list[str]:
+    """The run's prompts, in training order: deduplicated, a seeded subset, shuffled by the seed."""
+    path = Path(cfg.prompts)
+    if not path.is_dir() and (path.suffix in (".jsonl", ".json", ".txt") or path.exists()):
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {path}")
+        raw = _read_prompt_file(path, cfg.prompt_field)
+    else:
+        import datasets
+        try:
+            raw = datasets.load_dataset(cfg.prompts, split=cfg.split)[cfg.prompt_field]
+        except Exception as e:  # noqa: BLE001  (hub and dataset errors come in many types)
+            raise ValueError(f"cannot load prompts from dataset {cfg.prompts!r} split {cfg.split!r}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    prompts = list(dict.fromkeys(p.strip() for p in raw if p and p.strip()))  # dedupe, keep first
+    if not prompts:
+        raise ValueError(f"no prompts left in {cfg.prompts} after removing empty and duplicate ones")
+    rng = random.Random(cfg.seed)
+    prompts = rng.sample(prompts, min(cfg.num_prompts, len(prompts)))  # seeded subset, shuffled
+    if len(prompts) < cfg.prompts_per_step:
+        raise ValueError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {cfg.prompts_per_step}")
+    return prompts
+
+
+# --- rollouts ----------------------------------------------------------------------------------------
+
+def chat_prefix(tokenizer, prompt: str) -> str:
+    """The generator's input text for a prompt: its chat template, or the plain format."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=prompt)
+
+
+def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int):
+    """A GenerationConfig with every sampling knob set to the run's value (nothing from the checkpoint)."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                            min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+
+
+@dataclass
+class Rollout:
+    """G responses to each of the step's prompts.
+
+    prompts: B strings (each prompt repeated G times, groups contiguous).
+    prompt_ids: B lists of generator ids of the prompt prefix.
+    response: (B, T) int64 sampled ids, padded. mask: (B, T) bool, tokens up to and including EOS.
+    truncated: (B,) bool, no EOS within max_new_tokens. texts: B response texts (what the verifier reads).
+    """
+    prompts: list
+    prompt_ids: list
+    response: torch.Tensor
+    mask: torch.Tensor
+    truncated: torch.Tensor
+    texts: list
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], device) -> Rollout:
+    """Sample G responses to each prompt, cfg.gen_batch rows per generate() call, left-padded."""
+    rows = [p for p in prompts for _ in range(cfg.group_size)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    gen_cfg = sampling_config(cfg, eos_ids, pad)
+    prompt_ids = [tokenizer(chat_prefix(tokenizer, p), add_special_tokens=False).input_ids for p in rows]
+    responses = []
+    model.eval()
+    for i in range(0, len(rows), cfg.gen_batch):
+        batch = prompt_ids[i:i + cfg.gen_batch]
+        P = max(len(x) for x in batch)
+        x = torch.tensor([[pad] * (P - len(r)) + r for r in batch], device=device)
+        attn = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in batch], device=device)
+        with _autocast(device):
+            out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg)
+        responses.extend(out[:, P:].cpu())
+    T = max(r.shape[0] for r in responses)
+    response = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    truncated = torch.zeros(len(rows), dtype=torch.bool)
+    eos = torch.tensor(eos_ids)
+    for b, r in enumerate(responses):
+        hits = torch.isin(r, eos).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else r.shape[0]  # keep the EOS: the policy learns to stop
+        truncated[b] = not len(hits)
+        response[b, :n] = r[:n]
+        mask[b, :n] = True
+    texts = [decode_response(token_bytes(tokenizer, response[b, :int(mask[b].sum())].numpy())).text
+             for b in range(len(rows))]
+    return Rollout(rows, prompt_ids, response, mask, truncated, texts)
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# --- rewards -----------------------------------------------------------------------------------------
+
+def policy_logprobs(model, rollout: Rollout, rows: slice, cfg: Config, device, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) on the response tokens of rollout rows: (b, T) float32 (and entropy)."""
+    ids = [rollout.prompt_ids[b] + rollout.response[b, :int(rollout.mask[b].sum())].tolist()
+           for b in range(rows.start, rows.stop)]
+    P = torch.tensor([len(rollout.prompt_ids[b]) for b in range(rows.start, rows.stop)])
+    L = max(len(x) for x in ids)
+    x = torch.zeros(len(ids), L, dtype=torch.long)
+    attn = torch.zeros(len(ids), L, dtype=torch.long)
+    for r, seq in enumerate(ids):  # right padding: no position shift for the real tokens
+        x[r, :len(seq)] = torch.tensor(seq)
+        attn[r, :len(seq)] = 1
+    T = rollout.response.shape[1]
+    where = (P[:, None] + torch.arange(T)).clamp(max=L - 1)          # (b, T) response positions in x
+    mask = rollout.mask[rows]
+    target = torch.zeros(len(ids), L, dtype=torch.bool)
+    target.scatter_(1, where, mask)
+    with _autocast(device):
+        out = token_logprobs(model, x.to(device), attn.to(device), target.to(device),
+                             chunk_size=cfg.logprob_chunk, with_entropy=with_entropy)
+    if with_entropy:
+        return tuple(o.gather(1, where.to(device)) * mask.to(device) for o in out)
+    return out.gather(1, where.to(device)) * mask.to(device)           # (b, T)
+
+
+def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device):
+    """Rewards and advantages for a rollout (Eq. 1 / Eq. 3 / RENT).
+
+    Returns (advantages (B, T) or (B,) float32, per-response reward (B,) float64, cme (B,) float64 or
+    None, token rewards (B, T) or None).
+    """
+    B = rollout.response.shape[0]
+    if cfg.reward == "token":
+        ids = [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(B)]
+        rewards, valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids)  # Eq. 1
+        T = rollout.response.shape[1]
+        rewards, valid = rewards[:, :T], valid[:, :T]
+        adv = per_position_advantages(rewards, valid, cfg.group_size)
+        n = valid.sum(1).clamp(min=1)
+        per_response = (rewards.double().sum(1) / n).numpy()
+        per_response[valid.sum(1).numpy() == 0] = np.nan
+        return adv, per_response, -per_response, rewards
+    if cfg.reward == "sequence":
+        cme = verifier.sequence_cme(rollout.prompts, rollout.texts)                    # Eq. 3
+        r = torch.from_numpy(-cme)
+        return sequence_advantages(r, cfg.group_size), -cme, cme, None
+    entropies = []
+    with torch.no_grad():
+        for i in range(0, B, cfg.micro_batch):
+            rows = slice(i, min(i + cfg.micro_batch, B))
+            _, ent = policy_logprobs(model, rollout, rows, cfg, device, with_entropy=True)
+            m = rollout.mask[rows].to(device)
+            entropies.append((ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu())
+    r = -torch.cat(entropies)                                                           # RENT
+    return sequence_advantages(r, cfg.group_size), r.numpy(), None, None
+
+
+# --- the update --------------------------------------------------------------------------------------
+
+def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
+                  cfg: Config, device) -> dict:
+    """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches.
+
+    Returns metrics; a non-finite loss or gradient norm skips the step (weights untouched).
+    """
+    model.train()
+    B = rollout.response.shape[0]
+    num_sequences = B  # Eq. 2's 1/G over the whole step, fixed before the micro-batch loop
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+    tokens = 0.0
+    for i in range(0, B, cfg.micro_batch):
+        rows = slice(i, min(i + cfg.micro_batch, B))
+        logp = policy_logprobs(model, rollout, rows, cfg, device)                 # (b, T) with grad
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = policy_logprobs(ref_model, rollout, rows, cfg, device)
+        loss, m = grpo_loss(logp, logp.detach(), advantages[rows].to(device), rollout.mask[rows].to(device),
+                            cfg.clip_eps, cfg.beta, ref_logp, num_sequences=num_sequences)  # rho = 1
+        loss.backward()
+        n = m["tokens"].item()
+        tokens += n
+        sums["loss"] += loss.item()
+        for k in ("clip_frac", "ratio_mean", "kl"):
+            if k in m:
+                sums[k] += m[k].item() * n  # token-weighted, so the step's metric is over all its tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    skipped = not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    scheduler.step()
+    out = {"loss": sums["loss"], "grad_norm": grad_norm, "skipped": skipped,
+           "clip_frac": sums["clip_frac"] / max(tokens, 1), "ratio_mean": sums["ratio_mean"] / max(tokens, 1)}
+    if ref_model is not None:
+        out["kl"] = sums["kl"] / max(tokens, 1)
+    return out
+
+
+def lr_schedule(cfg: Config, total_steps: int):
+    """Linear warmup over cfg.warmup_steps, then cosine decay to 0 at total_steps (Appendix E)."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                  *np_state[2:]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, optimizer, scheduler,
+                    step: int, cfg: Config) -> Path:
+    """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint."""
+    final, tmp = out / name, out / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_gen_config = model.generation_config
+    model.generation_config = generation_config  # ship the checkpoint's own sampling defaults
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        model.generation_config = model_gen_config
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "step": step, "config": asdict(cfg)}, tmp / "training_state.pt")
+    old = out / f".old-{name}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    for _, p in found[:-keep] if keep > 0 else found:
+        shutil.rmtree(p)
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _stats(x) -> tuple[float, float]:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))
+
+
+def log_samples(path: Path, step: int, rollout: Rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
+    """A few responses with each generator token's verifier surprise -r_t (None where masked)."""
+    out = []
+    for b in range(min(k, len(rollout.texts))):
+        n = int(rollout.mask[b].sum())
+        ids = rollout.response[b, :n].numpy()
+        pieces = [decode_response(token_bytes(gen_tokenizer, [i])).text for i in ids]
+        surprise = None
+        if token_rewards is not None:
+            surprise = [round(-float(token_rewards[b, t]), 3) if token_rewards[b, t] != 0 else None for t in range(n)]
+        out.append({"step": step, "prompt": rollout.prompts[b], "response": rollout.texts[b],
+                    "tokens": pieces, "surprise": surprise})
+    with open(path, "a", encoding="utf-8") as f:
+        for s in out:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Training curves from metrics.jsonl to a PNG (matplotlib, headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
+            ("grad_norm", "grad norm")]
+    keys = [(k, t) for k, t in keys if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, (k, title) in zip(np.atleast_1d(axes), keys):
+        ax.plot([r["step"] for r in rows], [r.get(k) for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def load_generator(name: str, device, trust_remote_code: bool = False):
+    """The generator in fp32 master weights (bf16 autocast on GPU), with its shipped sampling defaults
+    set aside so they cannot leak into rollouts.
+
+    Returns (model, tokenizer, shipped GenerationConfig (restored in saved checkpoints), eos ids).
+    """
+    from transformers import GenerationConfig
+
+    model, tok = load_causal_lm(name, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig()
+    eos = shipped.eos_token_id if shipped.eos_token_id is not None else tok.eos_token_id
+    if eos is None:
+        raise ValueError(f"generator {name!r} has no EOS token: its responses could never end")
+    return model, tok, shipped, [eos] if isinstance(eos, int) else list(eos)
+
+
+def train(cfg: Config, on_step=None) -> list[dict]:
+    """Run CME-GRPO as configured; return the per-step metrics.
+
+    on_step: optional callable(step, rollout) -> dict of extra metrics for that step's line (the demo
+        scores each step's rollouts under a fixed evaluation verifier this way).
+    """
+    from tqdm import tqdm
+
+    check_config(cfg)
+    out = Path(cfg.out)
+    device = _device(cfg)
+    prompts = load_prompts(cfg)
+    steps_per_epoch = len(prompts) // cfg.prompts_per_step
+    total_steps = steps_per_epoch * cfg.epochs
+
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {out}")
+    if resume_from is not None:
+        state = torch.load(resume_from / "training_state.pt", weights_only=True)
+        saved = state["config"]
+        for k in ("prompts", "num_prompts", "seed", "prompts_per_step", "group_size", "epochs", "reward"):
+            if saved[k] != getattr(cfg, k):
+                raise ValueError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} in the checkpoint, "
+                                 f"now {getattr(cfg, k)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"config": asdict(cfg)}, indent=1), flush=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    ref_model = None
+    if cfg.beta > 0:  # beta = 0: no reference model is loaded at all
+        ref_model, _ = load_causal_lm(cfg.gen, device=device, trust_remote_code=cfg.trust_remote_code)
+        ref_model.requires_grad_(False).eval()
+    verifier = None
+    if cfg.reward != "rent":
+        vmodel, vtok = load_causal_lm(cfg.verifier, device=device, init=cfg.verifier_init, seed=cfg.seed,
+                                      trust_remote_code=cfg.trust_remote_code)  # bf16 on GPU, frozen
+        verifier = Verifier(vmodel, vtok, cfg.verifier_token_budget, cfg.logprob_chunk, cfg.mask_whitespace)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps))
+    start = 0
+    if resume_from is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        print(f"resumed from {resume_from} after step {start}", flush=True)
+    else:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        for f in ("metrics.jsonl", "samples.jsonl"):
+            (out / f).unlink(missing_ok=True)
+
+    stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
+    history = []
+    step = start
+    bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            k = step % steps_per_epoch
+            batch = prompts[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+            rollout = generate(model, gen_tok, batch, cfg, eos_ids, device)
+            t1 = time.perf_counter()
+            adv, reward, cme, token_rewards = score(rollout, cfg, verifier, gen_tok, model, device)
+            t2 = time.perf_counter()
+            upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device)
+            t3 = time.perf_counter()
+
+            lengths = rollout.mask.sum(1).numpy()
+            groups = adv.reshape(len(batch), -1)
+            m = {"step": step + 1, **dict(zip(("reward_mean", "reward_std"), _stats(reward)))}
+            if cme is not None:
+                m.update(zip(("cme_mean", "cme_std"), _stats(cme)))
+            m.update({"zero_spread_groups": float((groups.abs().sum(1) == 0).float().mean()),
+                      "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
+                      "truncated": float(rollout.truncated.float().mean()), **upd,
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(lengths.sum() / (t3 - t0)),
+                      "time_gen": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2, "step_time": t3 - t0})
+            if device.type == "cuda":
+                m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            if on_step is not None:
+                m.update(on_step(step + 1, rollout))
+            history.append(m)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if upd["skipped"]:
+                tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped (weights unchanged)")
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                tr = token_rewards
+                if tr is None and verifier is not None:
+                    n = min(cfg.num_samples, len(rollout.texts))
+                    tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
+                                                   [rollout.response[b, :int(rollout.mask[b].sum())].numpy()
+                                                    for b in range(n)])
+                for s in log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples):
+                    tqdm.write(f"[step {step + 1}] {s['prompt'][:60]!r} -> {s['response'][:120]!r}")
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}", s=f"{m['step_time']:.1f}")
+            bar.update(1)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < stop:
+                save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer, scheduler,
+                                step + 1, cfg)
+                prune_checkpoints(out, cfg.keep_checkpoints)
+        step = stop
+    except KeyboardInterrupt:
+        bar.close()
+        done = step  # steps completed before the interrupted one
+        if done > start:
+            path = save_checkpoint(out, f"checkpoint-{done}", model, gen_tok, shipped, optimizer, scheduler, done, cfg)
+            print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
+        raise
+    bar.close()
+    path = save_checkpoint(out, f"checkpoint-{stop}", model, gen_tok, shipped, optimizer, scheduler, stop, cfg)
+    prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
+    if (out / "metrics.jsonl").exists():
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
+          flush=True)
+    return history
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    try:
+        if cfg.demo:
+            from demo import run_demo
+            run_demo(cfg)
+        else:
+            train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: out of GPU memory; try --micro-batch {max(1, cfg.micro_batch // 2)}, "
+              f"--gen-batch {max(1, cfg.gen_batch // 2)} or --gradient-checkpointing", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
