@@ -182,8 +182,10 @@ def train_lm(path: Path, make_pair, seed: int, steps: int = 300, lr: float = 3e-
     model.save_pretrained(path)
 
 
-def held_out_cme(model_path: Path, verifier, seed: int, samples: int = 4, max_new_tokens: int = 16) -> np.ndarray:
-    """Eq. 3 CME, under `verifier`, of a generator's samples on the held-out prompts."""
+def held_out_cme(model_path: Path, verifier, seed: int, samples: int = 4, max_new_tokens: int = 16):
+    """Eq. 3 CME, under `verifier`, of a generator's samples on the held-out prompts.
+
+    Returns (cme (N,) float64, the N (prompt, response) pairs)."""
     from train import Config, generate
     from reward import load_causal_lm
 
@@ -194,7 +196,7 @@ def held_out_cme(model_path: Path, verifier, seed: int, samples: int = 4, max_ne
     torch.manual_seed(seed)
     cfg = Config(group_size=samples, max_new_tokens=max_new_tokens, gen_batch=256)
     rollout = generate(model, tok, prompts, cfg, [tok.eos_token_id], torch.device("cpu"))
-    return verifier.sequence_cme(rollout.prompts, rollout.texts)
+    return verifier.sequence_cme(rollout.prompts, rollout.texts), list(zip(rollout.prompts, rollout.texts))
 
 
 # --- the demo ----------------------------------------------------------------------------------------
@@ -231,8 +233,8 @@ def run_demo(cfg, steps: int | None = None, lr: float = 1e-3) -> dict:
 
     vmodel, vtok = load_causal_lm(str(world / "verifier"), dtype=torch.float32, device="cpu")
     judge = Verifier(vmodel, vtok)
-    before = held_out_cme(world / "generator", judge, seed)
-    resampled = held_out_cme(world / "generator", judge, seed + 1000)  # sampling noise alone
+    before, before_samples = held_out_cme(world / "generator", judge, seed)
+    resampled, _ = held_out_cme(world / "generator", judge, seed + 1000)  # sampling noise alone
 
     base = replace(cfg, demo=False, gen=str(world / "generator"), verifier=str(world / "verifier"),
                    prompts=str(train_prompts), reward="token", group_size=8, prompts_per_step=4, micro_batch=32,
@@ -247,15 +249,22 @@ def run_demo(cfg, steps: int | None = None, lr: float = 1e-3) -> dict:
         print(f"\nCME-GRPO with the {name} verifier ({steps} steps)", flush=True)
         run_out = out / f"{name}-verifier"
         history = train(replace(base, verifier_init=init, out=str(run_out)), on_step=judged)
-        after = held_out_cme(run_out / f"checkpoint-{steps}", judge, seed)
+        after, samples = held_out_cme(run_out / f"checkpoint-{steps}", judge, seed)
         results[name] = (float(np.nanmean(before)), float(np.nanmean(after)))
         results[f"{name}_curve"] = [h["judge_cme"] for h in history]
-        results[f"{name}_after_samples"] = after
+        results[f"{name}_samples"] = list(zip(after, samples))
+    results["before_samples"] = list(zip(before, before_samples))
 
     se = float(np.nanstd(before) / np.sqrt(np.isfinite(before).sum()))
     results["before_se"] = se
     results["noise"] = (float(np.nanmean(before)), float(np.nanmean(resampled)))
     _print_table(results, se)
+    for name, label in (("before", "before training"), ("trained_samples", "after, trained verifier"),
+                        ("random_samples", "after, random verifier")):
+        key = name if name.endswith("samples") else f"{name}_samples"
+        print(f"\n{label}:")
+        for cme, (prompt, response) in results[key][:6:2]:
+            print(f"  CME {cme:5.2f}  {prompt!r} -> {response!r}")
     _plot(results, out / "demo.png")
     print(f"curves: {out / 'demo.png'}")
     return results
