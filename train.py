@@ -31,7 +31,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -548,8 +550,17 @@ def train(cfg: Config, on_step=None) -> list[dict]:
 
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     history = []
-    step = start
     bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True)
+    # The first Ctrl-C asks to stop at the end of the current step (checkpoint, exit 130); a second aborts.
+    stop_requested = []
+
+    def on_sigint(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+        tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
@@ -598,14 +609,15 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer, scheduler,
                                 step + 1, cfg)
                 prune_checkpoints(out, cfg.keep_checkpoints)
-        step = stop
-    except KeyboardInterrupt:
-        bar.close()
-        done = step  # steps completed before the interrupted one
-        if done > start:
-            path = save_checkpoint(out, f"checkpoint-{done}", model, gen_tok, shipped, optimizer, scheduler, done, cfg)
-            print(f"\ninterrupted: saved {path}; continue with --resume", file=sys.stderr)
-        raise
+            if stop_requested:
+                path = save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer,
+                                       scheduler, step + 1, cfg)
+                bar.close()
+                print(f"interrupted: saved {path}; continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     path = save_checkpoint(out, f"checkpoint-{stop}", model, gen_tok, shipped, optimizer, scheduler, stop, cfg)
     prune_checkpoints(out, max(cfg.keep_checkpoints, 1))

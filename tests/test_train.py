@@ -199,3 +199,25 @@ def test_demo_learns_and_beats_the_random_verifier(tmp_path):
     assert b - a >= 1.0
     assert (b - a) - (rb - ra) >= 1.0
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, tiny_run_args(built, prompts_file, out,
+                                                                                "--epochs", 500))],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    done = metrics.read_text().count("\n")
+    assert (out / f"checkpoint-{done}").is_dir() and "continue with --resume" in err
+    r = cli(*tiny_run_args(built, prompts_file, out, "--epochs", 500, "--resume", "--max-steps", done + 1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, done + 2))
