@@ -345,11 +345,11 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
                 sums[k] += m[k].item() * n  # token-weighted, so the step's metric is over all its tokens
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
     skipped = not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))
-    if skipped:
+    if skipped:  # the whole step is skipped: weights, optimizer state and schedule stay as they were
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    scheduler.step()
+        scheduler.step()
     out = {"loss": sums["loss"], "grad_norm": grad_norm, "skipped": skipped,
            "clip_frac": sums["clip_frac"] / max(tokens, 1), "ratio_mean": sums["ratio_mean"] / max(tokens, 1)}
     if ref_model is not None:
