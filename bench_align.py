@@ -89,7 +89,11 @@ def main():
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
-    gen_tok, ver_tok = AutoTokenizer.from_pretrained(args.gen), AutoTokenizer.from_pretrained(args.ver)
+    try:
+        gen_tok, ver_tok = AutoTokenizer.from_pretrained(args.gen), AutoTokenizer.from_pretrained(args.ver)
+    except OSError as e:
+        raise SystemExit(f"error: cannot load tokenizer {args.gen!r} or {args.ver!r} (offline? pass local "
+                         f"tokenizer folders with --gen and --ver): {str(e).splitlines()[0]}") from None
     t = time.perf_counter()
     vocab_bytes(gen_tok), vocab_bytes(ver_tok)
     build = time.perf_counter() - t
