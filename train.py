@@ -86,7 +86,7 @@ class Config:
     beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model")
     epochs: int = _f(1, "passes over the prompts")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, more compute")
     verifier_token_budget: int = _f(16384, "padded tokens per verifier micro-batch")
     logprob_chunk: int = _f(1024, "positions per output-layer chunk (float32 logits of this many exist)")
     out: str = _f("runs/cme-grpo", "output folder: metrics, samples, checkpoints, curves")
@@ -290,9 +290,10 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
     B = rollout.response.shape[0]
     if cfg.reward == "token":
         ids = [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(B)]
-        rewards, valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids)  # Eq. 1
-        T = rollout.response.shape[1]
-        rewards, valid = rewards[:, :T], valid[:, :T]
+        narrow, narrow_valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids)  # Eq. 1
+        T = rollout.response.shape[1]  # token_rewards is as wide as the longest response; pad to T
+        rewards, valid = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+        rewards[:, :narrow.shape[1]], valid[:, :narrow.shape[1]] = narrow, narrow_valid
         adv = per_position_advantages(rewards, valid, cfg.group_size)
         n = valid.sum(1).clamp(min=1)
         per_response = (rewards.double().sum(1) / n).numpy()

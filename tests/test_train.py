@@ -221,3 +221,29 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, 
     r = cli(*tiny_run_args(built, prompts_file, out, "--epochs", 500, "--resume", "--max-steps", done + 1))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, done + 2))
+
+
+@pytest.mark.parametrize("reward", ["token", "sequence", "rent"])
+def test_rewards_fit_the_rollout_when_every_response_ends_early(built, reward):
+    from reward import Verifier, load_causal_lm
+
+    cfg = T.Config(group_size=2, micro_batch=3, reward=reward)
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu")
+    width = 9  # generated width; every response ended with EOS well before it
+    ids = [tok.encode(t, add_special_tokens=False)[:4] + [eos[0]] for t in ("Hello there", "Hi", "Yes sir", "No")]
+    response = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros(4, width, dtype=torch.bool)
+    for b, r in enumerate(ids):
+        response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
+    prompts = ["Say hi", "Say hi", "Answer", "Answer"]
+    rollout = T.Rollout(prompts, [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+                        response, mask, torch.zeros(4, dtype=torch.bool),
+                        [tok.decode(r, skip_special_tokens=True) for r in ids])
+    adv, per_response, cme, token_rewards = T.score(rollout, cfg, Verifier(vmodel, vtok), tok, model,
+                                                     torch.device("cpu"))
+    assert adv.shape in ((4, width), (4,)) and torch.isfinite(adv).all()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    m = T.policy_update(model, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
+                        cfg, torch.device("cpu"))
+    assert not m["skipped"]
