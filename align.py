@@ -27,6 +27,10 @@ Departures from the paper's wording, and why:
      boundary counts with its response part; a token holding only an inserted space (SentencePiece
      dummy prefix) holds no response byte and is left out; bytes no verifier token claims (a
      normaliser composed them away) go to the token before them.
+  5. Known rough edges, both rare: where a normaliser changed the text (Qwen's NFC on non-NFC input),
+     verifier spans come from the tokenizer's character offsets, so pieces of one split character can
+     get zero width and drop out of the response's verifier tokens; and a verifier token lying wholly
+     inside a U+FFFD (invalid UTF-8 from sampling) maps to zero response bytes.
 
 Run `python align.py` for the paper's worked example.
 """
