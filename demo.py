@@ -186,16 +186,14 @@ def held_out_cme(model_path: Path, verifier, seed: int, samples: int = 4, max_ne
     """Eq. 3 CME, under `verifier`, of a generator's samples on the held-out prompts.
 
     Returns (cme (N,) float64, the N (prompt, response) pairs)."""
-    from train import Config, generate
-    from reward import load_causal_lm
+    from train import Config, generate, load_generator
 
-    model, tok = load_causal_lm(str(model_path), dtype=torch.float32, device="cpu")
-    from transformers import GenerationConfig
-    model.generation_config = GenerationConfig()
+    device = torch.device("cpu")
+    model, tok, _, eos_ids = load_generator(str(model_path), device)
     prompts = [f"Tell me about {s}." for s in HELD_OUT] * 4
     torch.manual_seed(seed)
     cfg = Config(group_size=samples, max_new_tokens=max_new_tokens, gen_batch=256)
-    rollout = generate(model, tok, prompts, cfg, [tok.eos_token_id], torch.device("cpu"))
+    rollout = generate(model, tok, prompts, cfg, eos_ids, device)
     return verifier.sequence_cme(rollout.prompts, rollout.texts), list(zip(rollout.prompts, rollout.texts))
 
 

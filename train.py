@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -411,13 +410,18 @@ def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, o
     return final
 
 
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoint-N folders in out, oldest first."""
+    return sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(found)[1] if found else None
+    found = _checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
-    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    found = _checkpoints(out)
     for _, p in found[:-keep] if keep > 0 else found:
         shutil.rmtree(p)
 
