@@ -477,15 +477,15 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def load_generator(name: str, device, trust_remote_code: bool = False):
-    """The generator in fp32 master weights (bf16 autocast on GPU), with its shipped sampling defaults
-    set aside so they cannot leak into rollouts.
+def load_generator(name: str, device, trust_remote_code: bool = False, dtype: torch.dtype | None = torch.float32):
+    """The generator, by default in fp32 master weights (bf16 autocast on GPU), with its shipped sampling
+    defaults set aside so they cannot leak into rollouts (dtype None: bf16 on CUDA, for inference).
 
     Returns (model, tokenizer, shipped GenerationConfig (restored in saved checkpoints), eos ids).
     """
     from transformers import GenerationConfig
 
-    model, tok = load_causal_lm(name, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+    model, tok = load_causal_lm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     shipped = model.generation_config
     model.generation_config = GenerationConfig()
     eos = shipped.eos_token_id if shipped.eos_token_id is not None else tok.eos_token_id

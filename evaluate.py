@@ -1,0 +1,1194 @@
+"""Evaluation of CME-GRPO on AlpacaEval 2.0 prompts: generation, pairwise LLM-as-judge, win rates
+(Section 3, Appendix E) and the CME diagnostic of Figure 1.
+
+    python evaluate.py generate --model runs/cme-grpo/checkpoint-40 --out outputs/cme.jsonl
+    python evaluate.py judge outputs/cme.jsonl outputs/base.jsonl --judge api:gpt-5.2 \\
+        --judge "api:claude-sonnet-4-6?base=https://api.anthropic.com/v1&key=ANTHROPIC_API_KEY" \\
+        --replicates 5 --out judgments/cme_vs_base.jsonl
+    python evaluate.py report judgments/*.jsonl
+    python evaluate.py cme outputs/*.jsonl --verifier google/gemma-3-1b-it --heatmap 0
+    python evaluate.py convert ALPACA_EVAL_ANNOTATIONS.jsonl.gz --out judgments/ae.jsonl
+
+The paper's protocol (Appendix E): greedy responses of each model to the 805 AlpacaEval prompts;
+five pairwise judgments per prompt with randomised A/B order by each of two judges; the tie-adjusted
+win rate (wins + ties/2) / N over N = 805 prompts; each Table 1 cell the mean of the two judges.
+Readings of, and additions to, the paper:
+  1. Greedy means greedy: do_sample off and none of the checkpoint's generation_config processors
+     (Qwen2.5-Instruct ships a repetition penalty of 1.05); prompts go through the model's chat template
+     (`bos_token + "User: {prompt}\\nAssistant: "` without one, as in training).
+  2. The judge prompt is ours (`JUDGE_TEMPLATE`; the paper does not publish its own): instruction and
+     the two responses as A and B, never model names; one sentence of justification, then a line
+     `Verdict: A`, `Verdict: B` or `Verdict: tie`. The last well-formed verdict line counts.
+  3. A/B order is a function of (seed, replicate, instruction) through SHA-256, so a rerun, another
+     machine or another Python gives the same order (Python's hash() is salted per process).
+  4. Replicates: a prompt's score is the mean over its replicates of win 1, tie 1/2, loss 0; the win
+     rate is the mean over prompts, so N counts prompts. A judgment whose answer has no verdict after
+     `--verdict-tries` attempts is recorded as an error and left out of N; a prompt with only errors
+     is left out.
+  5. Statistics the paper does not report: 95% bootstrap intervals over prompts (replicates of a
+     prompt resampled together), agreement between judges (raw and Cohen's kappa on per-prompt
+     majority verdicts), position bias and length.
+  6. A local Hugging Face judge reads its verdict from the probabilities of the three label
+     continuations " A", " B", " tie" after its generated justification and "Verdict:", each scored as
+     a whole continuation (all its tokens, through reward.py's batched scorer), not as one token id.
+
+Shape letters: N prompts, R replicates, J judges.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import gzip
+import hashlib
+import http.client
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
+ALPACA_EVAL_FILE = "alpaca_eval.json"
+SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+VERDICTS = ("win", "tie", "loss", "error")
+LABELS = ("A", "B", "tie")
+
+JUDGE_TEMPLATE = """\
+You are comparing two AI assistants' responses to the same user instruction.
+
+[Instruction]
+{instruction}
+
+[Response A]
+{response_a}
+
+[Response B]
+{response_b}
+
+Which response follows the instruction better: more helpful, accurate, relevant and clear? Judge \
+the content only: the order of the responses and their length must not sway you. Write one \
+sentence of justification, then give your verdict on its own last line, exactly one of:
+Verdict: A
+Verdict: B
+Verdict: tie"""
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | Path, partial_tail_ok: bool = False) -> list[dict]:
+    """JSON objects of a .jsonl (or .jsonl.gz) file, one per non-blank line.
+
+    partial_tail_ok: skip a last line cut off mid-write (no trailing newline, not valid JSON), as an
+    interrupted run leaves it. Raises ValueError naming the file and line of anything malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if partial_tail_ok and n == len(lines):
+                continue
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object")
+        out.append(obj)
+    return out
+
+
+def open_for_append(path: Path):
+    """Open a JSONL file to append records, first cutting off a line an interrupted write left unfinished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+            print(f"note: dropped an unfinished last line of {path} (an interrupted write)", file=sys.stderr)
+    return open(path, "a", encoding="utf-8")
+
+
+def write_record(f, record: dict) -> None:
+    """Append one record as a JSON line and flush it, so that a killed run loses nothing written."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --- prompts and outputs -------------------------------------------------------------------------------
+
+def load_eval_prompts(source: str = "alpaca_eval") -> list[dict]:
+    """The evaluation prompts as [{index, instruction}], in file order.
+
+    source: "alpaca_eval" (the file alpaca_eval.json of the hub dataset repo tatsu-lab/alpaca_eval,
+    fetched with huggingface_hub: its loading script no longer runs under datasets >= 4), or a local
+    .jsonl / .json file of objects with an "instruction" field (an "index" field is kept if present,
+    else the position is the index).
+    """
+    if source == "alpaca_eval":
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(ALPACA_EVAL_REPO, ALPACA_EVAL_FILE, repo_type="dataset")
+        except Exception as e:  # noqa: BLE001  (offline, auth and HTTP errors come in many types)
+            raise ValueError(f"cannot fetch {ALPACA_EVAL_FILE} of {ALPACA_EVAL_REPO} from the Hugging Face "
+                             f"hub ({_one_line(e)}); pass a local file with --prompts") from None
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    else:
+        path = Path(source)
+        if path.suffix == ".json":
+            if not path.is_file():
+                raise ValueError(f"file not found: {path}")
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows, list):
+                raise ValueError(f"{path}: expected a JSON list of objects with an 'instruction' field")
+        elif path.suffix in (".jsonl", ".gz"):
+            rows = read_jsonl(path)
+        else:
+            raise ValueError(f"--prompts must be 'alpaca_eval' or a .jsonl / .json file, not {source!r}")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"{source}: item {i} has no string 'instruction' field")
+        index = row.get("index", i)
+        if not isinstance(index, int) or index in seen:
+            raise ValueError(f"{source}: item {i} has a missing or repeated integer 'index' ({index!r})")
+        seen.add(index)
+        out.append({"index": index, "instruction": row["instruction"]})
+    return out
+
+
+def read_outputs(path: str | Path) -> dict[int, dict]:
+    """A model's outputs file (what `generate` writes; AlpacaEval's .json lists work too) as index -> record.
+
+    Every record has index (the position for a .json list), instruction, output and generator (the
+    file's name when absent).
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = [dict(r, index=r.get("index", i)) for i, r in enumerate(rows)]
+    else:
+        rows = read_jsonl(path, partial_tail_ok=True)
+    name = path.name.split(".")[0]
+    out = {}
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r.get("index"), int) or not isinstance(r.get("instruction"), str) \
+                or not isinstance(r.get("output"), str):
+            raise ValueError(f"{path}: record {n} needs an integer 'index' and string 'instruction' and 'output'")
+        out[r["index"]] = {"index": r["index"], "instruction": r["instruction"], "output": r["output"],
+                           "generator": str(r.get("generator") or name)}
+    if not out:
+        raise ValueError(f"{path}: no outputs")
+    return out
+
+
+# --- generate ------------------------------------------------------------------------------------------
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, eos_ids: list[int],
+                    batch_size: int = 8, progress: bool = False, desc: str = "generate") -> Iterator[list[dict]]:
+    """Greedy responses to user prompts, a batch at a time (yields per batch, for writing as it goes).
+
+    prompts: strings, each rendered with the model's chat template (reward.PLAIN_TEMPLATE without one).
+    Prompts are processed longest first (little left padding per batch). Yields, per batch, dicts
+    {position (in prompts), output (text before EOS), tokens (generated ids before EOS), truncated
+    (no EOS within max_new_tokens)}.
+    """
+    import torch
+    from transformers import GenerationConfig
+    from align import decode_response, token_bytes
+    from train import _autocast, chat_prefix
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+                              pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    ids = [tokenizer(chat_prefix(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    model.eval()
+    eos = torch.tensor(eos_ids)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        P = max(len(ids[i]) for i in batch)
+        x = torch.tensor([[pad] * (P - len(ids[i])) + ids[i] for i in batch], device=device)
+        attn = torch.tensor([[0] * (P - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+        with torch.no_grad(), _autocast(device):  # bf16 autocast on CUDA
+            out = model.generate(input_ids=x, attention_mask=attn, generation_config=config)
+        results = []
+        for row, i in enumerate(batch):
+            r = out[row, P:].cpu()
+            hits = torch.isin(r, eos).nonzero()
+            n = int(hits[0]) if len(hits) else r.shape[0]
+            text = decode_response(token_bytes(tokenizer, r[:n].numpy())).text
+            results.append({"position": i, "output": text, "tokens": n, "truncated": not len(hits)})
+        if bar:
+            bar.update(len(batch))
+        yield results
+    if bar:
+        bar.close()
+
+
+def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval", max_new_tokens: int = 2048,
+                 batch_size: int = 8, name: str | None = None, limit: int | None = None,
+                 device: str | None = None, trust_remote_code: bool = False) -> int:
+    """Write greedy outputs of a model to `out` as JSONL, skipping indices already there. Returns the count written.
+
+    Each line: {index, instruction, output, generator, tokens (generated tokens before EOS),
+    truncated (no EOS within max_new_tokens), max_new_tokens}.
+    """
+    from train import load_generator
+
+    name = name or model_name
+    prompts = load_eval_prompts(prompts_source)[:limit]
+    done = {}
+    if out.exists():
+        for r in read_jsonl(out, partial_tail_ok=True):
+            if r.get("generator") != name:
+                raise ValueError(f"{out} holds outputs of {r.get('generator')!r}, not {name!r}; "
+                                 f"choose another --out or --name")
+            done[r["index"]] = r
+    todo = [p for p in prompts if p["index"] not in done]
+    print(f"{len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating {len(todo)}",
+          file=sys.stderr)
+    if not todo:
+        return 0
+    model, tok, _, eos_ids = load_generator(model_name, device, trust_remote_code=trust_remote_code, dtype=None)
+    written = 0
+    with open_for_append(out) as f:
+        for batch in greedy_generate(model, tok, [p["instruction"] for p in todo], max_new_tokens, eos_ids,
+                                     batch_size, progress=True):
+            for r in batch:
+                p = todo[r["position"]]
+                write_record(f, {"index": p["index"], "instruction": p["instruction"], "output": r["output"],
+                                 "generator": name, "tokens": r["tokens"], "truncated": r["truncated"],
+                                 "max_new_tokens": max_new_tokens})
+                written += 1
+    return written
+
+
+# --- the judge's prompt and answer ---------------------------------------------------------------------
+
+_VERDICT_LINE = re.compile(r"^[\W_]*(?:final\s+)?verdict[\W_]*?[:：](.*)$", re.I | re.M)
+_LABEL = re.compile(r"^[\W_]*(?:(?:response|answer|assistant|output)\s*)?(a\s+tie|tie|a|b)\b", re.I)
+
+
+def parse_verdict(answer: str) -> tuple[str | None, str]:
+    """The verdict of a judge's answer and its justification.
+
+    Returns (label, justification): label "A", "B" or "tie" from the last well-formed verdict line (a
+    line "Verdict: X", markdown and brackets allowed, "Response B" allowed, any case), or None; the
+    justification is the text before that line (the whole answer when there is none), stripped.
+    A label merely quoted inside a sentence ('I would not say "Verdict: A"') is not a verdict line.
+    """
+    last = None
+    for m in _VERDICT_LINE.finditer(answer):
+        label = _LABEL.match(m.group(1))
+        if label:
+            last = (m, label.group(1).lower())
+    if last is None:
+        return None, answer.strip()
+    m, label = last
+    label = "tie" if label.endswith("tie") else label.upper()
+    return label, answer[:m.start()].strip()
+
+
+def judge_prompt(template: str, instruction: str, response_a: str, response_b: str) -> str:
+    """The judge's user message. str.format would choke on braces inside responses; replace names only."""
+    return (template.replace("{instruction}", instruction).replace("{response_a}", response_a)
+            .replace("{response_b}", response_b))
+
+
+def is_swapped(instruction: str, replicate: int, seed: int) -> bool:
+    """Whether the candidate is shown as B: a stable coin from SHA-256 of (seed, replicate, instruction)."""
+    digest = hashlib.sha256(json.dumps(["order", seed, replicate, instruction]).encode("utf-8")).digest()
+    return bool(digest[0] & 1)
+
+
+def judgment_key(judge_id: str, template: str, index: int, instruction: str, candidate: str, opponent: str,
+                 output_candidate: str, output_opponent: str, replicate: int, seed: int | None) -> str:
+    """The record's key: a hash of everything that makes two judgments the same.
+
+    Judge (name and request parameters), prompt template, instruction, both outputs and replicate, as
+    the A/B order's seed; and the index and both model names, so that two comparisons written to one
+    file never share a key where two models gave the same text (empty outputs, say).
+    """
+    payload = json.dumps([judge_id, template, index, instruction, candidate, opponent, output_candidate,
+                          output_opponent, replicate, seed], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def candidate_verdict(label: str | None, swapped: bool) -> str:
+    """A/B/tie as shown to the judge -> win/tie/loss/error from the candidate's side."""
+    if label is None:
+        return "error"
+    if label == "tie":
+        return "tie"
+    return "win" if (label == "A") != swapped else "loss"
+
+
+# --- judge backends ------------------------------------------------------------------------------------
+
+class JudgeError(Exception):
+    """A failure that ends the run: a request refused (4xx) or a service still failing after all retries."""
+
+
+@dataclass
+class Answer:
+    """A judge's answer to one prompt: label A/B/tie (None: no verdict), justification, raw text, probs."""
+    label: str | None
+    justification: str
+    raw: str
+    probs: dict | None = None
+
+
+class ChatClient:
+    """A minimal OpenAI-compatible chat-completions client (OpenAI, Anthropic's compatible endpoint, vLLM,
+    llama.cpp), standard library only.
+
+    base_url: e.g. "https://api.openai.com/v1"; the request goes to base_url + "/chat/completions".
+    model: the model id. key_env: the NAME of the environment variable that holds the API key (None:
+    no Authorization header); the key itself is never printed, logged or written. params: extra body
+    fields, sent exactly as given (nothing else is added: newer models reject temperature, logprobs or
+    max_tokens). 429, 5xx, timeouts, dropped connections and malformed bodies are retried `retries`
+    times with exponential backoff (`backoff` * 2^attempt seconds, at most `max_backoff`, times a
+    random factor in [0.5, 1], or the server's Retry-After), then raise JudgeError; other 4xx raise at once.
+    """
+
+    def __init__(self, base_url: str, model: str, key_env: str | None = None, params: dict | None = None,
+                 timeout: float = 120.0, retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.params = dict(params or {})
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self._key = None
+        if key_env:
+            self._key = os.environ.get(key_env)
+            if not self._key:
+                raise ValueError(f"environment variable {key_env} (the judge's API key) is not set")
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:  # no key in here, ever
+        return f"ChatClient({self.url!r}, {self.model!r})"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def complete(self, messages: list[dict]) -> str:
+        """The assistant's reply text to `messages` ([{"role", "content"}]); "" when the reply has no content."""
+        body = json.dumps({"model": self.model, "messages": messages, **self.params}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        for attempt in range(self.retries + 1):
+            wait = None
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    raw = reply.read()
+                try:
+                    content = json.loads(raw)["choices"][0]["message"].get("content")
+                    return content if isinstance(content, str) else ""
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    reason = f"malformed reply body {raw[:80]!r}"
+            except urllib.error.HTTPError as e:
+                detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
+                if e.code != 429 and e.code < 500:
+                    raise JudgeError(f"{self.url} refused the request: HTTP {e.code} {_one_line(ValueError(detail))}")
+                reason = f"HTTP {e.code}"
+                wait = _retry_after(e.headers.get("Retry-After"))
+            except (TimeoutError, socket.timeout):
+                reason = f"no reply within {self.timeout:g} s"
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
+                reason = f"connection failed ({self._redact(_one_line(e))})"
+            if attempt == self.retries:
+                raise JudgeError(f"{self.url}: {reason}, still after {self.retries + 1} attempts")
+            if wait is None:
+                wait = min(self.max_backoff, self.backoff * 2 ** attempt) * self._rng.uniform(0.5, 1.0)
+            time.sleep(min(wait, self.max_backoff))
+        raise AssertionError("unreachable")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class JudgeSpec:
+    """A judge from its spec string `KIND:MODEL?option=value&...`.
+
+    api:MODEL options: base (default https://api.openai.com/v1), key (env var NAME; default
+      OPENAI_API_KEY for the default base, none otherwise), timeout (s, 120), concurrency (8),
+      retries (6), backoff (s, 1), name (default MODEL); every other option is a request body field,
+      sent as given (values read as JSON where they parse: temperature=0 is a number).
+    hf:MODEL (hub id or local folder) options: max_new_tokens (justification length, 64),
+      batch_size (4), name (default MODEL).
+    `params` are what changes the judgments (they enter the record key); the rest are how to run.
+    """
+    kind: str
+    model: str
+    name: str
+    params: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    API_OPTIONS = ("base", "key", "timeout", "concurrency", "retries", "backoff", "name")
+    HF_OPTIONS = ("batch_size", "name")
+    HF_PARAMS = ("max_new_tokens",)
+
+    @classmethod
+    def parse(cls, spec: str) -> "JudgeSpec":
+        kind, sep, rest = spec.partition(":")
+        if not sep or kind not in ("api", "hf") or not rest:
+            raise ValueError(f"judge spec {spec!r}: expected 'api:MODEL[?options]' or 'hf:MODEL[?options]'")
+        model, _, query = rest.partition("?")
+        params, options = {}, {}
+        for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+            try:
+                value = json.loads(v)
+            except ValueError:
+                value = v
+            if kind == "api":
+                (options if k in cls.API_OPTIONS else params)[k] = value if k not in ("base", "key", "name") else v
+            elif k in cls.HF_OPTIONS:
+                options[k] = value if k != "name" else v
+            elif k in cls.HF_PARAMS:
+                params[k] = value
+            else:
+                raise ValueError(f"judge spec {spec!r}: unknown option {k!r} for a local judge "
+                                 f"(known: {', '.join(cls.HF_OPTIONS + cls.HF_PARAMS)})")
+        if kind == "hf":
+            params.setdefault("max_new_tokens", 64)
+        return cls(kind, model, str(options.get("name") or model), params, options)
+
+    @property
+    def identity(self) -> str:
+        return json.dumps([self.name, self.params], sort_keys=True)
+
+
+class APIJudge:
+    """A judge behind an OpenAI-compatible endpoint, asked concurrently by a bounded pool of threads."""
+
+    def __init__(self, spec: JudgeSpec, tries: int = 3):
+        o = spec.options
+        base = o.get("base", "https://api.openai.com/v1")
+        key_env = o.get("key", "OPENAI_API_KEY" if "base" not in o else None)
+        self.spec, self.tries = spec, tries
+        self.concurrency = int(o.get("concurrency", 8))
+        self.client = ChatClient(base, spec.model, key_env, spec.params, timeout=float(o.get("timeout", 120)),
+                                 retries=int(o.get("retries", 6)), backoff=float(o.get("backoff", 1.0)))
+
+    def ask(self, prompt: str) -> Answer:
+        """Ask once; ask again (up to `tries` in all) while the answer has no well-formed verdict."""
+        raw = ""
+        for _ in range(self.tries):
+            raw = self.client.complete([{"role": "user", "content": prompt}])
+            label, justification = parse_verdict(raw)
+            if label is not None:
+                return Answer(label, justification, raw)
+        return Answer(None, parse_verdict(raw)[1], raw)
+
+    def run(self, prompts: Sequence[str]) -> Iterator[tuple[int, Answer]]:
+        """(position, answer) for each prompt, in order of completion."""
+        pool = cf.ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            futures = {pool.submit(self.ask, p): i for i, p in enumerate(prompts)}
+            for future in cf.as_completed(futures):
+                yield futures[future], future.result()
+        finally:  # on an error or Ctrl-C: drop what has not started, do not wait for what has
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalJudge:
+    """A local causal LM as judge: it writes its justification greedily, then its verdict is the most
+    probable of the continuations " A", " B", " tie" after "Verdict:", each scored in full."""
+
+    def __init__(self, spec: JudgeSpec, device: str | None = None):
+        from reward import Verifier
+        from train import load_generator
+
+        self.spec = spec
+        self.max_new_tokens = int(spec.params["max_new_tokens"])
+        self.batch_size = int(spec.options.get("batch_size", 4))
+        self.model, self.tokenizer, _, self.eos_ids = load_generator(spec.model, device, dtype=None)
+        self.scorer = Verifier(self.model, self.tokenizer)
+
+    def label_logprobs(self, prompts: Sequence[str], justifications: Sequence[str]) -> np.ndarray:
+        """log p(" A" | ...), log p(" B" | ...), log p(" tie" | ...) after each justification: (B, 3) float64.
+
+        The assistant's text is `justification + "\\nVerdict:" + " " + label`, encoded as the verifier
+        encodes responses (reward.encode_pairs); a label's log-probability is the sum over every token
+        that holds a byte of " label" (a token straddling the boundary counts in full).
+        """
+        from reward import encode_pairs
+
+        texts, starts = [], []
+        for j in justifications:
+            head = (j + "\n" if j else "") + "Verdict:"
+            for label in LABELS:
+                texts.append(f"{head} {label}")
+                starts.append(len(head.encode("utf-8")))
+        inputs = encode_pairs(self.tokenizer, [p for p in prompts for _ in LABELS], texts)
+        positions = [v.response[v.spans[:, 1] > s] for v, s in zip(inputs, starts)]
+        logps = self.scorer.logprobs([v.ids for v in inputs], positions)
+        return np.array([lp.sum() for lp in logps]).reshape(len(prompts), len(LABELS))
+
+    def run(self, prompts: Sequence[str]) -> Iterator[tuple[int, Answer]]:
+        for start in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[start:start + self.batch_size])
+            generated = [None] * len(batch)
+            for results in greedy_generate(self.model, self.tokenizer, batch, self.max_new_tokens, self.eos_ids,
+                                           self.batch_size):
+                for r in results:
+                    generated[r["position"]] = r["output"]
+            justifications = [_justification(g) for g in generated]
+            logp = self.label_logprobs(batch, justifications)
+            for k, (j, row) in enumerate(zip(justifications, logp)):
+                p = np.exp(row - row.max())
+                p /= p.sum()
+                label = LABELS[int(np.argmax(row))]
+                raw = (j + "\n" if j else "") + f"Verdict: {label}"
+                yield start + k, Answer(label, j, raw, {lab: round(float(x), 6) for lab, x in zip(LABELS, p)})
+
+
+def _justification(generated: str) -> str:
+    """The justification a local judge wrote: its text before any "Verdict", else its first line."""
+    cut = re.search(r"verdict", generated, re.I)
+    text = generated[:cut.start()] if cut else generated.strip().split("\n")[0]
+    return " ".join(text.split())
+
+
+def make_judge(spec: JudgeSpec, tries: int = 3, device: str | None = None):
+    return APIJudge(spec, tries) if spec.kind == "api" else LocalJudge(spec, device)
+
+
+# --- judge ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One judgment to make: the candidate's and opponent's outputs for one prompt and replicate."""
+    key: str
+    index: int
+    instruction: str
+    replicate: int
+    swapped: bool
+    output_candidate: str
+    output_opponent: str
+
+    def prompt(self, template: str) -> str:
+        a, b = (self.output_opponent, self.output_candidate) if self.swapped else (self.output_candidate,
+                                                                                   self.output_opponent)
+        return judge_prompt(template, self.instruction, a, b)
+
+
+def pair_outputs(candidate: dict[int, dict], opponent: dict[int, dict]) -> list[int]:
+    """Indices present in both outputs files, checking that they hold the same instruction."""
+    common = sorted(candidate.keys() & opponent.keys())
+    for i in common:
+        if candidate[i]["instruction"].strip() != opponent[i]["instruction"].strip():
+            raise ValueError(f"index {i}: the two outputs files answer different instructions")
+    missing = len(candidate.keys() ^ opponent.keys())
+    if missing:
+        print(f"note: {missing} indices are in only one of the outputs files; judging the {len(common)} in both",
+              file=sys.stderr)
+    if not common:
+        raise ValueError("the two outputs files share no index")
+    return common
+
+
+def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], out: Path, replicates: int = 5,
+              seed: int = 0, template: str = JUDGE_TEMPLATE, verdict_tries: int = 3, limit: int | None = None,
+              device: str | None = None) -> dict:
+    """Judge the candidate's outputs against the opponent's; append every judgment to `out` as it completes.
+
+    judges: spec strings (JudgeSpec). A judgment whose key is already in `out` is not asked again.
+    Returns counts {judge name: {"asked", "skipped", "identical"}}.
+    """
+    for field_ in ("{instruction}", "{response_a}", "{response_b}"):
+        if field_ not in template:
+            raise ValueError(f"the judge template has no {field_} placeholder")
+    specs = [JudgeSpec.parse(j) for j in judges]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two judges share a name ({', '.join(names)}); give one a name=... option")
+    cand, opp = read_outputs(candidate_path), read_outputs(opponent_path)
+    indices = pair_outputs(cand, opp)[:limit]
+    cand_name, opp_name = next(iter(cand.values()))["generator"], next(iter(opp.values()))["generator"]
+    done = {r.get("key") for r in read_jsonl(out, partial_tail_ok=True)} if out.exists() else set()
+    counts = {}
+    with open_for_append(out) as f:
+        for spec in specs:
+            jobs, identical = [], 0
+            for replicate in range(replicates):
+                for i in indices:
+                    c, o = cand[i]["output"], opp[i]["output"]
+                    instruction = cand[i]["instruction"]
+                    key = judgment_key(spec.identity, template, i, instruction, cand_name, opp_name, c, o,
+                                       replicate, seed)
+                    if key in done:
+                        continue
+                    job = Job(key, i, instruction, replicate, is_swapped(instruction, replicate, seed), c, o)
+                    if c.strip() == o.strip():  # identical outputs: a tie, no call
+                        write_record(f, _record(job, cand_name, opp_name, spec.name, seed,
+                                                Answer("tie", "identical outputs", None)))
+                        done.add(key)
+                        identical += 1
+                    else:
+                        jobs.append(job)
+            skipped = replicates * len(indices) - len(jobs) - identical
+            counts[spec.name] = {"asked": len(jobs), "skipped": skipped, "identical": identical}
+            print(f"judge {spec.name}: {skipped} judgments already in {out}, {identical} identical pairs (tie, "
+                  f"no call), {len(jobs)} to ask", file=sys.stderr)
+            if not jobs:
+                continue
+            judge = make_judge(spec, verdict_tries, device)
+            from tqdm import tqdm
+            errors = 0
+            with tqdm(total=len(jobs), desc=f"judge {spec.name}", unit="judgment") as bar:
+                for k, answer in judge.run([job.prompt(template) for job in jobs]):
+                    record = _record(jobs[k], cand_name, opp_name, spec.name, seed, answer)
+                    write_record(f, record)
+                    errors += record["verdict"] == "error"
+                    bar.update(1)
+                    bar.set_postfix(errors=errors)
+    return counts
+
+
+def _record(job: Job, candidate: str, opponent: str, judge: str, seed: int, answer: Answer) -> dict:
+    record = {"key": job.key, "index": job.index, "candidate": candidate, "opponent": opponent, "judge": judge,
+              "replicate": job.replicate, "seed": seed, "swapped": job.swapped,
+              "verdict": candidate_verdict(answer.label, job.swapped), "justification": answer.justification,
+              "raw": answer.raw, "instruction": job.instruction, "len_candidate": len(job.output_candidate),
+              "len_opponent": len(job.output_opponent)}
+    if answer.probs is not None:
+        record["probs"] = answer.probs
+    return record
+
+
+# --- convert: AlpacaEval annotations -> judgments ----------------------------------------------------
+
+def from_alpaca_eval(row: dict) -> dict:
+    """One AlpacaEval per-prompt annotation as a judgment record (replicate 0, A/B order unknown).
+
+    row: {index, instruction, candidate, opponent, output_candidate, output_opponent, ae_annotator,
+    ae_p_candidate_preferred}; the verdict is win when the judge's probability that the candidate is
+    better is above 1/2, loss below, tie at exactly 1/2 (AlpacaEval's value for identical outputs).
+    """
+    p = row["ae_p_candidate_preferred"]
+    verdict = "error" if p is None else "win" if p > 0.5 else "loss" if p < 0.5 else "tie"
+    key = judgment_key(row["ae_annotator"], "alpaca_eval", row["index"], row["instruction"], row["candidate"],
+                       row["opponent"], row["output_candidate"], row["output_opponent"], 0, None)
+    return {"key": key, "index": row["index"], "candidate": row["candidate"], "opponent": row["opponent"],
+            "judge": row["ae_annotator"], "replicate": 0, "seed": None, "swapped": None, "verdict": verdict,
+            "justification": "", "raw": None if p is None else str(p), "instruction": row["instruction"],
+            "len_candidate": len(row["output_candidate"]), "len_opponent": len(row["output_opponent"])}
+
+
+# --- report: statistics --------------------------------------------------------------------------------
+
+def bootstrap_ci(scores: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-prompt scores: (N,) float -> (low, high).
+
+    Resampling prompts (not judgments) keeps a prompt's replicates together: each prompt enters with
+    the mean of its replicates. Fixed seed: the same data give the same interval.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # 1,000 resamples at a time: (1000, N) indices, a few MB
+        k = min(1000, resamples - start)
+        means[start:start + k] = scores[rng.integers(0, len(scores), (k, len(scores)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def majority_verdict(verdicts: Sequence[str]) -> str:
+    """The most frequent of a prompt's win/tie/loss verdicts; when two are equally frequent, the sign
+    of the tie-adjusted score decides (above 1/2 win, below loss, else tie)."""
+    counts = Counter(v for v in verdicts if v in SCORE).most_common()
+    if not counts:
+        raise ValueError("no valid verdict")
+    if len(counts) == 1 or counts[0][1] > counts[1][1]:
+        return counts[0][0]
+    score = np.mean([SCORE[v] for v in verdicts if v in SCORE])
+    return "win" if score > 0.5 else "loss" if score < 0.5 else "tie"
+
+
+def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
+    """Cohen's kappa of two raters' labels over the same items: (p_o - p_e) / (1 - p_e); NaN when p_e = 1."""
+    n = len(a)
+    if n == 0:
+        return math.nan
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    ca, cb = Counter(a), Counter(b)
+    p_e = sum(ca[k] * cb[k] for k in ca) / n ** 2
+    return math.nan if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def load_judgments(paths: Sequence[str | Path]) -> list[dict]:
+    """Judgment records of several files (or folders of *.jsonl), each key once (the first one read)."""
+    files = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.jsonl*")) if p.is_dir() else [p])
+    records, seen = [], set()
+    for path in files:
+        for n, r in enumerate(read_jsonl(path, partial_tail_ok=True), 1):
+            missing = [k for k in ("key", "index", "candidate", "opponent", "judge", "verdict") if k not in r]
+            if missing or r["verdict"] not in VERDICTS:
+                raise ValueError(f"{path}: record {n} is not a judgment (missing {missing or 'a valid verdict'})")
+            if r["key"] not in seen:
+                seen.add(r["key"])
+                records.append(r)
+    if not records:
+        raise ValueError("no judgments in " + ", ".join(map(str, paths)))
+    return records
+
+
+def prompt_scores(records: Sequence[dict]) -> dict[int, float]:
+    """index -> mean over the prompt's valid replicates of win 1 / tie 1/2 / loss 0 (errors left out)."""
+    per = defaultdict(list)
+    for r in records:
+        if r["verdict"] in SCORE:
+            per[r["index"]].append(SCORE[r["verdict"]])
+    return {i: float(np.mean(v)) for i, v in per.items()}
+
+
+def side_stats(records: Sequence[dict]) -> dict:
+    """Position bias and length, over one group's records.
+
+    first_wins: share of decisive judgments (win or loss, judge asked, A/B order known) won by the
+    response shown first (A). chars_candidate / chars_opponent: mean characters per prompt.
+    longer_wins: share of decisive judgments with outputs of different lengths won by the longer one.
+    """
+    shown = [r for r in records if r["verdict"] in ("win", "loss") and r.get("swapped") is not None
+             and r.get("raw") is not None]
+    first = [(r["verdict"] == "win") != bool(r["swapped"]) for r in shown]
+    lengths = {r["index"]: (r["len_candidate"], r["len_opponent"]) for r in records if "len_candidate" in r}
+    unequal = [r for r in records if r["verdict"] in ("win", "loss") and "len_candidate" in r
+               and r["len_candidate"] != r["len_opponent"]]
+    longer = [(r["verdict"] == "win") == (r["len_candidate"] > r["len_opponent"]) for r in unequal]
+    return {"first_wins": 100 * float(np.mean(first)) if first else None, "first_n": len(first),
+            "chars_candidate": float(np.mean([c for c, _ in lengths.values()])) if lengths else None,
+            "chars_opponent": float(np.mean([o for _, o in lengths.values()])) if lengths else None,
+            "longer_wins": 100 * float(np.mean(longer)) if longer else None, "longer_n": len(longer)}
+
+
+def win_rate_row(records: Sequence[dict], resamples: int, seed: int, scores: dict[int, float] | None = None) -> dict:
+    """Tie-adjusted win rate in percent with its bootstrap interval, N, errors, position and length stats."""
+    scores = prompt_scores(records) if scores is None else scores
+    values = np.array([scores[i] for i in sorted(scores)])
+    low, high = bootstrap_ci(values, resamples, seed)
+    return {"win_rate": 100 * float(values.mean()) if len(values) else math.nan,
+            "ci_low": 100 * low, "ci_high": 100 * high, "n": len(values),
+            "errors": sum(r["verdict"] == "error" for r in records), **side_stats(records)}
+
+
+def compute_report(records: Sequence[dict], resamples: int = 10_000, seed: int = 0,
+                   table1: Sequence[dict] = ()) -> dict:
+    """Everything `report` prints, as plain data: {"win_rates": [...], "agreement": [...], "table1": [...]}."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["candidate"], r["opponent"], r["judge"])].append(r)
+    win_rates, agreement, pairs = [], [], defaultdict(list)
+    for cand, opp, judge in sorted(groups):
+        pairs[(cand, opp)].append(judge)
+    for (cand, opp), judges in pairs.items():
+        for judge in judges:
+            win_rates.append({"candidate": cand, "opponent": opp, "judge": judge,
+                              **win_rate_row(groups[(cand, opp, judge)], resamples, seed)})
+        if len(judges) < 2:
+            continue
+        scores = {j: prompt_scores(groups[(cand, opp, j)]) for j in judges}
+        common = sorted(set.intersection(*(set(s) for s in scores.values())))
+        mean = {i: float(np.mean([scores[j][i] for j in judges])) for i in common}  # per-prompt mean over judges
+        recs = [r for j in judges for r in groups[(cand, opp, j)]]
+        row = win_rate_row(recs, resamples, seed, mean)
+        win_rates.append({"candidate": cand, "opponent": opp, "judge": f"mean of {len(judges)} judges", **row})
+        majority = {j: {} for j in judges}
+        for j in judges:
+            per = defaultdict(list)
+            for r in groups[(cand, opp, j)]:
+                per[r["index"]].append(r["verdict"])
+            majority[j] = {i: majority_verdict(per[i]) for i in common}
+        for a_i, a in enumerate(judges):
+            for b in judges[a_i + 1:]:
+                va, vb = [majority[a][i] for i in common], [majority[b][i] for i in common]
+                agreement.append({"candidate": cand, "opponent": opp, "judge_1": a, "judge_2": b, "n": len(common),
+                                  "agreement": 100 * float(np.mean([x == y for x, y in zip(va, vb)])) if common
+                                  else math.nan, "kappa": cohen_kappa(va, vb)})
+    return {"win_rates": win_rates, "agreement": agreement,
+            "table1": [table1_row(spec, win_rates) for spec in table1]}
+
+
+TABLE1_COLUMNS = [("instruct", "base", "Instruct vs Base"), ("cme", "base", "CME vs Base"),
+                  ("cme", "instruct", "CME vs Instruct"), ("base", "ref", "Base vs Ref"),
+                  ("cme", "ref", "CME vs Ref"), ("instruct", "ref", "Instruct vs Ref")]
+
+
+def _cell(win_rates: Sequence[dict], a: str, b: str) -> dict | None:
+    """Win rate of model a against model b, from a-vs-b rows or flipped from b-vs-a rows; the mean over
+    judges where there are several."""
+    def pick(cand, opp):
+        rows = [r for r in win_rates if r["candidate"] == cand and r["opponent"] == opp]
+        mean = [r for r in rows if r["judge"].startswith("mean of")]
+        return mean[0] if mean else rows[0] if rows else None
+    row = pick(a, b)
+    if row:
+        return {"win_rate": row["win_rate"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "n": row["n"]}
+    row = pick(b, a)
+    if row:
+        return {"win_rate": 100 - row["win_rate"], "ci_low": 100 - row["ci_high"], "ci_high": 100 - row["ci_low"],
+                "n": row["n"]}
+    return None
+
+
+def parse_table1(spec: str) -> dict:
+    """ "label=Qwen2.5-0.5B,cme=NAME,base=NAME,instruct=NAME,ref=NAME[,start=base|instruct]" -> dict."""
+    try:
+        d = dict(part.split("=", 1) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--table1 {spec!r}: expected comma-separated key=value pairs") from None
+    unknown = set(d) - {"label", "cme", "base", "instruct", "ref", "start"}
+    if unknown or "cme" not in d:
+        raise ValueError(f"--table1 {spec!r}: needs cme=NAME; known keys label, cme, base, instruct, ref, start")
+    d.setdefault("start", "base")
+    d.setdefault("label", d["cme"])
+    if d["start"] not in ("base", "instruct"):
+        raise ValueError(f"--table1 {spec!r}: start must be base or instruct")
+    return d
+
+
+def table1_row(spec: dict, win_rates: Sequence[dict]) -> dict:
+    """One Table-1 row: the six comparisons (mean over judges where several), and Delta = CME vs X
+    minus start vs X in the vs-Base and vs-Ref columns, start being the checkpoint CME-GRPO began from."""
+    row = {"label": spec["label"]}
+    for a, b, title in TABLE1_COLUMNS:
+        cell = _cell(win_rates, spec[a], spec[b]) if a in spec and b in spec else None
+        if cell and a == "cme" and b in ("base", "ref") and spec["start"] != b and spec["start"] in spec:
+            start = _cell(win_rates, spec[spec["start"]], spec[b])
+            cell["delta"] = cell["win_rate"] - start["win_rate"] if start else None
+        row[title] = cell
+    return row
+
+
+# --- report: formatting --------------------------------------------------------------------------------
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report as (title, header, rows of strings) tables."""
+    tables = []
+    rows = [[r["candidate"], r["opponent"], r["judge"], _fmt(r["win_rate"]),
+             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", str(r["n"]), str(r["errors"]),
+             _fmt(r["first_wins"]), _fmt(r["chars_candidate"], 0), _fmt(r["chars_opponent"], 0),
+             _fmt(r["longer_wins"])] for r in report["win_rates"]]
+    tables.append(("Tie-adjusted win rate of the candidate, % (wins + ties/2) / N, N prompts; 95% bootstrap "
+                   "interval over prompts",
+                   ["candidate", "opponent", "judge", "win rate", "95% CI", "N", "errors", "first shown wins %",
+                    "chars cand", "chars opp", "longer wins %"], rows))
+    if report["agreement"]:
+        rows = [[r["candidate"], r["opponent"], r["judge_1"], r["judge_2"], str(r["n"]), _fmt(r["agreement"]),
+                 _fmt(r["kappa"], 3)] for r in report["agreement"]]
+        tables.append(("Agreement between judges on per-prompt majority verdicts",
+                       ["candidate", "opponent", "judge 1", "judge 2", "N", "agreement %", "Cohen's kappa"], rows))
+    if report["table1"]:
+        header = ["generator"] + [t for _, _, t in TABLE1_COLUMNS]
+        rows = []
+        for r in report["table1"]:
+            cells = [r["label"]]
+            for _, _, title in TABLE1_COLUMNS:
+                c = r[title]
+                text = "-" if c is None else _fmt(c["win_rate"])
+                if c and c.get("delta") is not None:
+                    text += f" (Δ{c['delta']:+.1f})"
+                cells.append(text)
+            rows.append(cells)
+        tables.append(("Table 1 style: win rate of the first model, %, mean over judges", header, rows))
+    return tables
+
+
+def _no_nan(x):
+    """NaN -> None, recursively (JSON has no NaN)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def format_report(report: dict, fmt: str = "text") -> str:
+    """The report as an aligned text table, markdown, CSV (tables separated by a blank line) or JSON."""
+    if fmt == "json":
+        return json.dumps(_no_nan(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    out = []
+    for title, header, rows in report_tables(report):
+        if fmt == "text":
+            widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+            lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+            out.append(f"{title}\n" + "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]]))
+        elif fmt == "markdown":
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(x.replace("|", "\\|") for x in row) + " |" for row in rows]
+            out.append(f"**{title}**\n\n" + "\n".join(lines))
+        elif fmt == "csv":
+            import csv
+            import io
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+            out.append(buf.getvalue().rstrip("\n"))
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+    return "\n\n".join(out) + "\n"
+
+
+# --- cme: the diagnostic of Figure 1 -------------------------------------------------------------------
+
+def token_surprise(verifier, instruction: str, output: str) -> tuple[list[str], np.ndarray]:
+    """The response's verifier tokens as text pieces and their surprise -log p (nats): (S,) float64."""
+    from reward import encode_pair
+
+    v = encode_pair(verifier.tokenizer, instruction, output)
+    logp = verifier.logprobs([v.ids], [v.response])[0]
+    data = output.encode("utf-8")
+    pieces = [data[a:b].decode("utf-8", "replace") for a, b in v.spans]
+    return pieces, -logp
+
+
+def heatmap_html(pieces: Sequence[str], surprise: np.ndarray, title: str, subtitle: str = "") -> str:
+    """A self-contained HTML page: each token on a background whose redness grows with its surprise."""
+    import html
+    vmax = max(float(np.percentile(surprise, 95)) if len(surprise) else 1.0, 1e-6)
+    spans = []
+    for piece, s in zip(pieces, surprise):
+        alpha = min(1.0, float(s) / vmax)
+        spans.append(f'<span title="-log p = {s:.2f}" style="background:rgba(220,40,40,{alpha:.2f})">'
+                     f"{html.escape(piece)}</span>")
+    return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+            ".r{white-space:pre-wrap;font-family:monospace;line-height:1.7}</style>"
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(subtitle)}</p>"
+            f"<p>Per-token surprise -log p under the verifier (nats); full red = {vmax:.2f} or more (the 95th "
+            "percentile). Hover a token for its value.</p>"
+            f"<div class='r'>{''.join(spans)}</div>\n")
+
+
+def heatmap_png(pieces: Sequence[str], surprise: np.ndarray, title: str, path: Path, width: int = 90) -> None:
+    """The same heatmap as a PNG: tokens laid out in a monospace grid of `width` columns, wrapped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import warnings
+
+    vmax = max(float(np.percentile(surprise, 95)) if len(surprise) else 1.0, 1e-6)
+    cells, x, y = [], 0, 0  # (x, y, text, surprise) in character cells
+    for piece, s in zip(pieces, surprise):
+        for k, line in enumerate(piece.split("\n")):
+            if k:
+                x, y = 0, y + 1
+            while line:
+                take = line[:width - x]
+                cells.append((x, y, take, float(s)))
+                x += len(take)
+                line = line[len(take):]
+                if x >= width:
+                    x, y = 0, y + 1
+    rows = y + 1
+    fig = plt.figure(figsize=(width * 0.1, 0.6 + rows * 0.2))
+    ax = fig.add_axes([0, 0, 1, rows * 0.2 / (0.6 + rows * 0.2)])
+    ax.set_xlim(0, width)
+    ax.set_ylim(rows, 0)
+    ax.axis("off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for rare scripts
+        for cx, cy, text, s in cells:
+            ax.add_patch(plt.Rectangle((cx, cy), len(text), 1, color=(0.86, 0.16, 0.16, min(1.0, s / vmax)),
+                                       linewidth=0))
+            ax.text(cx, cy + 0.8, text.replace("$", r"\$"), fontsize=10, family="monospace")
+        fig.suptitle(title, fontsize=11)
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_cme(outputs: Sequence[Path], verifier_name: str, heatmap: Sequence[int] = (), heatmap_dir: Path = Path("heatmaps"),
+            heatmap_format: str = "html", limit: int | None = None, device: str | None = None,
+            token_budget: int = 16384) -> list[dict]:
+    """Mean sequence-level CME (Eq. 3) of each outputs file under the verifier, and heatmaps of chosen prompts.
+
+    Returns one row per file: {file, generator, n, cme_mean, cme_se, empty}; heatmaps are written to
+    heatmap_dir/<generator>-<index>.<html|png>.
+    """
+    from reward import Verifier, load_causal_lm
+
+    files = [(Path(p), read_outputs(p)) for p in outputs]
+    model, tok = load_causal_lm(verifier_name, device=device)
+    verifier = Verifier(model, tok, token_budget=token_budget)
+    rows = []
+    for path, recs in files:
+        chosen = [recs[i] for i in sorted(recs)][:limit]
+        cme = verifier.sequence_cme([r["instruction"] for r in chosen], [r["output"] for r in chosen], progress=True)
+        ok = cme[np.isfinite(cme)]
+        rows.append({"file": str(path), "generator": chosen[0]["generator"], "n": len(ok),
+                     "cme_mean": float(ok.mean()) if len(ok) else math.nan,
+                     "cme_se": float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else math.nan,
+                     "empty": int(len(cme) - len(ok))})
+        for i in heatmap:
+            if i not in recs:
+                raise ValueError(f"{path}: no output with index {i}")
+            pieces, surprise = token_surprise(verifier, recs[i]["instruction"], recs[i]["output"])
+            mean = float(surprise.mean()) if len(surprise) else math.nan
+            title = f"{recs[i]['generator']}, prompt {i}: mean CE = {mean:.2f} nats/token"
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            safe = re.sub(r"[^\w.-]+", "_", recs[i]["generator"])
+            target = heatmap_dir / f"{safe}-{i}.{heatmap_format}"
+            if heatmap_format == "html":
+                target.write_text(heatmap_html(pieces, surprise, title,
+                                               f"verifier {verifier_name}; instruction: {recs[i]['instruction']}"),
+                                  encoding="utf-8")
+            else:
+                heatmap_png(pieces, surprise, title, target)
+            print(f"wrote {target}", file=sys.stderr)
+    return rows
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="greedy outputs of one model on the AlpacaEval prompts, as JSONL")
+    g.add_argument("--model", required=True, help="hub id or local folder (e.g. a train.py checkpoint)")
+    g.add_argument("--out", required=True, type=Path, help="outputs .jsonl; a rerun skips indices already there")
+    g.add_argument("--prompts", default="alpaca_eval", help="'alpaca_eval' (from the hub) or a local .jsonl/.json")
+    g.add_argument("--max-new-tokens", type=int, default=2048)
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
+    g.add_argument("--name", help="the generator's name in the records (default: --model as given)")
+    g.add_argument("--limit", type=int, help="only the first N prompts")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--trust-remote-code", action="store_true")
+
+    j = sub.add_parser("judge", help="pairwise judgments of a candidate outputs file against an opponent's")
+    j.add_argument("candidate", type=Path, help="the candidate's outputs file")
+    j.add_argument("opponent", type=Path, help="the opponent's outputs file")
+    j.add_argument("--judge", action="append", required=True,
+                   help="judge spec, repeatable: 'api:MODEL?base=URL&key=ENV_VAR&temperature=0' or 'hf:MODEL'")
+    j.add_argument("--out", required=True, type=Path, help="judgments .jsonl, appended to; a rerun asks nothing twice")
+    j.add_argument("--replicates", type=int, default=5, help="judgments per prompt and judge (the paper: 5)")
+    j.add_argument("--seed", type=int, default=0, help="sets the A/B order of each (prompt, replicate)")
+    j.add_argument("--template", type=Path, help="a judge prompt file with {instruction}, {response_a}, {response_b}")
+    j.add_argument("--verdict-tries", type=int, default=3, help="asks per judgment while the answer has no verdict")
+    j.add_argument("--limit", type=int, help="only the first N common indices")
+    j.add_argument("--device", help="device of a local judge")
+
+    r = sub.add_parser("report", help="win rates, intervals, agreement, position bias and length from judgments")
+    r.add_argument("judgments", nargs="+", help="judgment .jsonl files or folders of them")
+    r.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    r.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.add_argument("--table1", action="append", default=[],
+                   help="a Table-1 row: 'label=L,cme=NAME,base=NAME,instruct=NAME,ref=NAME[,start=base|instruct]'")
+
+    c = sub.add_parser("cme", help="mean sequence CME (Eq. 3) of outputs files under a verifier; heatmaps")
+    c.add_argument("outputs", nargs="+", type=Path, help="outputs files")
+    c.add_argument("--verifier", default="google/gemma-3-1b-it", help="hub id or local folder")
+    c.add_argument("--heatmap", type=int, action="append", default=[], help="index of a prompt to draw, repeatable")
+    c.add_argument("--heatmap-dir", type=Path, default=Path("heatmaps"))
+    c.add_argument("--heatmap-format", choices=["html", "png"], default="html")
+    c.add_argument("--limit", type=int, help="only the first N outputs of each file")
+    c.add_argument("--device")
+
+    v = sub.add_parser("convert", help="AlpacaEval per-prompt annotations -> judgment records")
+    v.add_argument("annotations", nargs="+", type=Path,
+                   help=".jsonl(.gz) of {index, instruction, candidate, opponent, output_candidate, "
+                        "output_opponent, ae_annotator, ae_p_candidate_preferred}")
+    v.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            run_generate(args.model, args.out, args.prompts, args.max_new_tokens, args.batch_size, args.name,
+                         args.limit, args.device, args.trust_remote_code)
+        elif args.command == "judge":
+            template = args.template.read_text(encoding="utf-8") if args.template else JUDGE_TEMPLATE
+            run_judge(args.candidate, args.opponent, args.judge, args.out, args.replicates, args.seed, template,
+                      args.verdict_tries, args.limit, args.device)
+        elif args.command == "report":
+            report = compute_report(load_judgments(args.judgments), args.bootstrap, args.seed,
+                                    [parse_table1(s) for s in args.table1])
+            sys.stdout.write(format_report(report, args.format))
+        elif args.command == "cme":
+            rows = run_cme(args.outputs, args.verifier, args.heatmap, args.heatmap_dir, args.heatmap_format,
+                           args.limit, args.device)
+            print(f"mean sequence CME (Eq. 3, nats per verifier token) under {args.verifier}")
+            for row in rows:
+                print(f"{row['generator']:<40} {row['cme_mean']:7.3f} ± {row['cme_se']:.3f} (SE)  N = {row['n']}"
+                      + (f", {row['empty']} empty outputs left out" if row["empty"] else ""))
+        elif args.command == "convert":
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as f:
+                n = 0
+                for path in args.annotations:
+                    for row in read_jsonl(path):
+                        write_record(f, from_alpaca_eval(row))
+                        n += 1
+            print(f"wrote {n} judgments to {args.out}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: everything completed so far is saved; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    except JudgeError as e:
+        print(f"error: {e}; the judgments made so far are saved, rerun to continue", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
