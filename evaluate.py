@@ -986,13 +986,22 @@ def format_report(report: dict, fmt: str = "text") -> str:
 # --- cme: the diagnostic of Figure 1 -------------------------------------------------------------------
 
 def token_surprise(verifier, instruction: str, output: str) -> tuple[list[str], np.ndarray]:
-    """The response's verifier tokens as text pieces and their surprise -log p (nats): (S,) float64."""
+    """The response's verifier tokens as text pieces and their surprise -log p (nats): (S,) float64.
+
+    A character split across tokens (byte-fallback pieces of an emoji, say) is shown with the token
+    that holds its first byte, so the pieces join to the response exactly; the others show as "".
+    """
     from reward import encode_pair
 
     v = encode_pair(verifier.tokenizer, instruction, output)
     logp = verifier.logprobs([v.ids], [v.response])[0]
     data = output.encode("utf-8")
-    pieces = [data[a:b].decode("utf-8", "replace") for a, b in v.spans]
+
+    def boundary(k: int) -> int:  # the first character start at or after byte k
+        while k < len(data) and data[k] & 0xC0 == 0x80:
+            k += 1
+        return k
+    pieces = [data[boundary(a):boundary(b)].decode("utf-8") for a, b in v.spans]
     return pieces, -logp
 
 
@@ -1158,8 +1167,8 @@ def main(argv=None) -> int:
             run_judge(args.candidate, args.opponent, args.judge, args.out, args.replicates, args.seed, template,
                       args.verdict_tries, args.limit, args.device)
         elif args.command == "report":
-            report = compute_report(load_judgments(args.judgments), args.bootstrap, args.seed,
-                                    [parse_table1(s) for s in args.table1])
+            table1 = [parse_table1(s) for s in args.table1]
+            report = compute_report(load_judgments(args.judgments), args.bootstrap, args.seed, table1)
             sys.stdout.write(format_report(report, args.format))
         elif args.command == "cme":
             rows = run_cme(args.outputs, args.verifier, args.heatmap, args.heatmap_dir, args.heatmap_format,
