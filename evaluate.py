@@ -1044,8 +1044,9 @@ def heatmap_png(pieces: Sequence[str], surprise: np.ndarray, title: str, path: P
                 if x >= width:
                     x, y = 0, y + 1
     rows = y + 1
-    fig = plt.figure(figsize=(width * 0.1, 0.6 + rows * 0.2))
-    ax = fig.add_axes([0, 0, 1, rows * 0.2 / (0.6 + rows * 0.2)])
+    fig = plt.figure(figsize=(width * 0.1 + 0.4, 0.7 + rows * 0.2))  # a cell is 0.1 x 0.2 inches
+    ax = fig.add_axes([0.2 / (width * 0.1 + 0.4), 0.1 / (0.7 + rows * 0.2), width * 0.1 / (width * 0.1 + 0.4),
+                       rows * 0.2 / (0.7 + rows * 0.2)])
     ax.set_xlim(0, width)
     ax.set_ylim(rows, 0)
     ax.axis("off")
@@ -1054,8 +1055,9 @@ def heatmap_png(pieces: Sequence[str], surprise: np.ndarray, title: str, path: P
         for cx, cy, text, s in cells:
             ax.add_patch(plt.Rectangle((cx, cy), len(text), 1, color=(0.86, 0.16, 0.16, min(1.0, s / vmax)),
                                        linewidth=0))
-            ax.text(cx, cy + 0.8, text.replace("$", r"\$"), fontsize=10, family="monospace")
-        fig.suptitle(title, fontsize=11)
+            # 11.9 pt DejaVu Sans Mono advances 0.6 em = 7.2 pt = 0.1 in per character: one cell
+            ax.text(cx, cy + 0.8, text.replace("$", r"\$"), fontsize=11.9, family="DejaVu Sans Mono")
+        fig.suptitle(f"{title}\n(red: surprise -log p, full at {vmax:.1f} nats or more)", fontsize=11)
         fig.savefig(path, dpi=100)
     plt.close(fig)
 
