@@ -37,17 +37,18 @@ Shape letters: N prompts, R replicates, J judges.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import gzip
 import hashlib
 import http.client
 import json
 import math
 import os
+import queue
 import random
 import re
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -476,7 +477,11 @@ class JudgeSpec:
             raise ValueError(f"judge spec {spec!r}: expected 'api:MODEL[?options]' or 'hf:MODEL[?options]'")
         model, _, query = rest.partition("?")
         params, options = {}, {}
-        for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        try:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            raise ValueError(f"judge spec {spec!r}: options must read key=value&key=value") from None
+        for k, v in pairs:
             try:
                 value = json.loads(v)
             except ValueError:
@@ -522,14 +527,42 @@ class APIJudge:
         return Answer(None, parse_verdict(raw)[1], raw)
 
     def run(self, prompts: Sequence[str]) -> Iterator[tuple[int, Answer]]:
-        """(position, answer) for each prompt, in order of completion."""
-        pool = cf.ThreadPoolExecutor(max_workers=self.concurrency)
+        """(position, answer) for each prompt, in order of completion, `concurrency` requests at a time.
+
+        The workers are daemon threads (not a ThreadPoolExecutor, whose exit hook would wait out every
+        request in flight, retries included): on an error or Ctrl-C the run ends at once, losing only
+        the answers in flight, which a rerun asks again.
+        """
+        todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+        for item in enumerate(prompts):
+            todo.put(item)
+
+        def worker():
+            while not stop.is_set():
+                try:
+                    i, prompt = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self.ask(prompt), None))
+                except Exception as e:  # noqa: BLE001  (handed to the main thread, raised there)
+                    done.put((i, None, e))
+
+        for _ in range(min(self.concurrency, len(prompts))):
+            threading.Thread(target=worker, daemon=True).start()
         try:
-            futures = {pool.submit(self.ask, p): i for i, p in enumerate(prompts)}
-            for future in cf.as_completed(futures):
-                yield futures[future], future.result()
-        finally:  # on an error or Ctrl-C: drop what has not started, do not wait for what has
-            pool.shutdown(wait=False, cancel_futures=True)
+            for _ in range(len(prompts)):
+                while True:
+                    try:
+                        i, answer, error = done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+                        break
+                    except queue.Empty:
+                        continue
+                if error is not None:
+                    raise error
+                yield i, answer
+        finally:
+            stop.set()
 
 
 class LocalJudge:
@@ -644,6 +677,7 @@ def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two judges share a name ({', '.join(names)}); give one a name=... option")
+    judges = {s.name: make_judge(s, verdict_tries) for s in specs if s.kind == "api"}  # a missing key fails now
     cand, opp = read_outputs(candidate_path), read_outputs(opponent_path)
     indices = pair_outputs(cand, opp)[:limit]
     cand_name, opp_name = next(iter(cand.values()))["generator"], next(iter(opp.values()))["generator"]
@@ -674,7 +708,7 @@ def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], 
                   f"no call), {len(jobs)} to ask", file=sys.stderr)
             if not jobs:
                 continue
-            judge = make_judge(spec, verdict_tries, device)
+            judge = judges.get(spec.name) or make_judge(spec, verdict_tries, device)  # local models load here
             from tqdm import tqdm
             errors = 0
             with tqdm(total=len(jobs), desc=f"judge {spec.name}", unit="judgment") as bar:

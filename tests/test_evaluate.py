@@ -85,6 +85,7 @@ def test_judge_prompt_keeps_braces_and_hides_names():
     ("gpt-4o", "expected 'api:MODEL"),
     ("hf:./judge?temperature=0", "unknown option 'temperature'"),
     ("api:", "expected 'api:MODEL"),
+    ("api:m?temperature", "options must read key=value"),
 ])
 def test_bad_judge_specs(spec, error):
     with pytest.raises(ValueError, match=error):
@@ -245,7 +246,7 @@ def deterministic_judge(n, body):
         return 200, reply("I cannot decide between these two."), 0.02, {}
     h = hashlib.sha256(prompt.encode()).digest()[0]
     verdict = "A" if h % 5 < 2 else "B" if h % 5 < 4 else "tie"
-    return 200, reply(f"One of them is better.\nVerdict: {verdict}"), 0.03, {}
+    return 200, reply(f"One of them is better.\nVerdict: {verdict}"), 0.05, {}
 
 
 @pytest.fixture
@@ -327,6 +328,22 @@ def test_judge_stops_cleanly_when_the_service_stays_down(server, pair_files, tmp
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert stderr.strip().splitlines()[-1].startswith("error: ") and "HTTP 503" in stderr and "rerun" in stderr
+
+
+def test_ctrl_c_ends_a_judge_run_at_once(server, pair_files, tmp_path):
+    cand, opp = pair_files
+    srv = server(lambda n, body: (200, reply("Verdict: A"), 0.05 if n <= 4 else 30, {}))
+    out = tmp_path / "j.jsonl"
+    proc = judge_cli(srv, cand, opp, out, replicates=1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(srv.calls) < 6:  # two slow requests in flight
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    t = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - t < 5, stderr[-2000:]
+    assert "rerun the same command to continue" in stderr
+    assert len(E.read_jsonl(out)) == 4 + 1  # the four answered, and the identical pair's tie
 
 
 def test_partial_last_line_is_cut_before_appending(tmp_path):
