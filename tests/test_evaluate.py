@@ -49,14 +49,13 @@ VERDICTS_DIR = SHARED / "data" / "alpaca_eval" / "verdicts"
     ("", None),
 ])
 def test_parse_verdict(answer, label):
-    got, justification = E.parse_verdict(answer)
-    assert got == label
-    if label is not None:
-        assert "Verdict" not in justification.split("\n")[-1] or justification.count("Verdict") < answer.count("Verdict")
+    assert E.parse_verdict(answer)[0] == label
 
 
 def test_justification_is_the_text_before_the_verdict():
     assert E.parse_verdict("  A is concise and correct.\nVerdict: A\n") == ("A", "A is concise and correct.")
+    assert E.parse_verdict("Verdict: A\nOn reflection B.\n**Verdict:** B") == ("B", "Verdict: A\nOn reflection B.")
+    assert E.parse_verdict("No idea.\n") == (None, "No idea.")
 
 
 def test_candidate_verdict_follows_the_order():
@@ -588,6 +587,26 @@ def test_generate_is_greedy_and_resumes(built, prompts_path, tmp_path):
         assert r["tokens"] == n and r["truncated"] == (n == len(g) == 12)
         assert r["output"] == tok.decode(g[:n], skip_special_tokens=True)
         assert r["generator"] == "tiny-qwen" and r["instruction"] == PROMPTS[r["index"] - 10]
+
+
+def test_prompts_from_the_hub_file_through_huggingface_hub(tmp_path):
+    """The default source, `hf_hub_download` of tatsu-lab/alpaca_eval's alpaca_eval.json, served from a
+    hub cache laid out as huggingface_hub lays it out (offline here: no network in the tests)."""
+    snapshot = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    rows = [{"instruction": p, "output": "ref", "generator": "gpt4", "dataset": "x"} for p in PROMPTS]
+    (snapshot / "alpaca_eval.json").write_text(json.dumps(rows))
+    code = "import json, evaluate as E; print(json.dumps(E.load_eval_prompts()))"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"index": i, "instruction": p} for i, p in enumerate(PROMPTS)]
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    r = subprocess.run([sys.executable, "evaluate.py", "generate", "--model", "x", "--out", str(tmp_path / "o.jsonl")],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot fetch alpaca_eval.json" in r.stderr and "--prompts" in r.stderr
 
 
 def test_generate_refuses_to_mix_generators(built, prompts_path, tmp_path):
