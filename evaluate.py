@@ -135,7 +135,21 @@ def write_record(f, record: dict) -> None:
     f.flush()
 
 
-def _one_line(e: BaseException) -> str:
+def read_json_list(path: Path) -> list:
+    """The list held by a .json file (AlpacaEval's format), with the file and line of a syntax error."""
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of objects")
+    return rows
+
+
+def _one_line(e: BaseException | str) -> str:
+    """The first line of an error or message (the exception's type when it says nothing)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -161,14 +175,7 @@ def load_eval_prompts(source: str = "alpaca_eval") -> list[dict]:
     else:
         path = Path(source)
         if path.suffix == ".json":
-            if not path.is_file():
-                raise ValueError(f"file not found: {path}")
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: expected a JSON list of objects with an 'instruction' field")
+            rows = read_json_list(path)
         elif path.suffix in (".jsonl", ".gz"):
             rows = read_jsonl(path)
         else:
@@ -193,10 +200,8 @@ def read_outputs(path: str | Path) -> dict[int, dict]:
     """
     path = Path(path)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        rows = [dict(r, index=r.get("index", i)) for i, r in enumerate(rows)]
+        rows = [dict(r, index=r.get("index", i)) if isinstance(r, dict) else {}
+                for i, r in enumerate(read_json_list(path))]
     else:
         rows = read_jsonl(path, partial_tail_ok=True)
     name = path.name.split(".")[0]
@@ -215,7 +220,7 @@ def read_outputs(path: str | Path) -> dict[int, dict]:
 # --- generate ------------------------------------------------------------------------------------------
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, eos_ids: list[int],
-                    batch_size: int = 8, progress: bool = False, desc: str = "generate") -> Iterator[list[dict]]:
+                    batch_size: int = 8, progress: bool = False) -> Iterator[list[dict]]:
     """Greedy responses to user prompts, a batch at a time (yields per batch, for writing as it goes).
 
     prompts: strings, each rendered with the model's chat template (reward.PLAIN_TEMPLATE without one).
@@ -226,7 +231,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     import torch
     from transformers import GenerationConfig
     from align import decode_response, token_bytes
-    from train import _autocast, chat_prefix
+    from train import _autocast, chat_prefix, left_pad
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -237,14 +242,13 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
     model.eval()
     eos = torch.tensor(eos_ids)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        P = max(len(ids[i]) for i in batch)
-        x = torch.tensor([[pad] * (P - len(ids[i])) + ids[i] for i in batch], device=device)
-        attn = torch.tensor([[0] * (P - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+        x, attn = left_pad([ids[i] for i in batch], pad, device)
+        P = x.shape[1]
         with torch.no_grad(), _autocast(device):  # bf16 autocast on CUDA
             out = model.generate(input_ids=x, attention_mask=attn, generation_config=config)
         results = []
@@ -273,13 +277,13 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
 
     name = name or model_name
     prompts = load_eval_prompts(prompts_source)[:limit]
-    done = {}
+    done = set()
     if out.exists():
         for r in read_jsonl(out, partial_tail_ok=True):
             if r.get("generator") != name:
                 raise ValueError(f"{out} holds outputs of {r.get('generator')!r}, not {name!r}; "
                                  f"choose another --out or --name")
-            done[r["index"]] = r
+            done.add(r["index"])
     todo = [p for p in prompts if p["index"] not in done]
     print(f"{len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating {len(todo)}",
           file=sys.stderr)
@@ -341,8 +345,8 @@ def judgment_key(judge_id: str, template: str, index: int, instruction: str, can
                  output_candidate: str, output_opponent: str, replicate: int, seed: int | None) -> str:
     """The record's key: a hash of everything that makes two judgments the same.
 
-    Judge (name and request parameters), prompt template, instruction, both outputs and replicate, as
-    the A/B order's seed; and the index and both model names, so that two comparisons written to one
+    Judge (name and request parameters), prompt template, instruction, both outputs, replicate and
+    the seed of the A/B order; and the index and both model names, so that two comparisons written to one
     file never share a key where two models gave the same text (empty outputs, say).
     """
     payload = json.dumps([judge_id, template, index, instruction, candidate, opponent, output_candidate,
@@ -426,7 +430,7 @@ class ChatClient:
             except urllib.error.HTTPError as e:
                 detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                 if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"{self.url} refused the request: HTTP {e.code} {_one_line(ValueError(detail))}")
+                    raise JudgeError(f"{self.url} refused the request: HTTP {e.code} {_one_line(detail)}")
                 reason = f"HTTP {e.code}"
                 wait = _retry_after(e.headers.get("Retry-After"))
             except (TimeoutError, socket.timeout):
@@ -438,7 +442,6 @@ class ChatClient:
             if wait is None:
                 wait = min(self.max_backoff, self.backoff * 2 ** attempt) * self._rng.uniform(0.5, 1.0)
             time.sleep(min(wait, self.max_backoff))
-        raise AssertionError("unreachable")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -482,14 +485,16 @@ class JudgeSpec:
         except ValueError:
             raise ValueError(f"judge spec {spec!r}: options must read key=value&key=value") from None
         for k, v in pairs:
-            try:
-                value = json.loads(v)
-            except ValueError:
-                value = v
+            value = v
+            if k not in ("base", "key", "name"):  # those stay strings; others are JSON where they parse
+                try:
+                    value = json.loads(v)
+                except ValueError:
+                    pass
             if kind == "api":
-                (options if k in cls.API_OPTIONS else params)[k] = value if k not in ("base", "key", "name") else v
+                (options if k in cls.API_OPTIONS else params)[k] = value
             elif k in cls.HF_OPTIONS:
-                options[k] = value if k != "name" else v
+                options[k] = value
             elif k in cls.HF_PARAMS:
                 params[k] = value
             else:
@@ -511,7 +516,7 @@ class APIJudge:
         o = spec.options
         base = o.get("base", "https://api.openai.com/v1")
         key_env = o.get("key", "OPENAI_API_KEY" if "base" not in o else None)
-        self.spec, self.tries = spec, tries
+        self.tries = tries
         self.concurrency = int(o.get("concurrency", 8))
         self.client = ChatClient(base, spec.model, key_env, spec.params, timeout=float(o.get("timeout", 120)),
                                  retries=int(o.get("retries", 6)), backoff=float(o.get("backoff", 1.0)))
@@ -573,7 +578,6 @@ class LocalJudge:
         from reward import Verifier
         from train import load_generator
 
-        self.spec = spec
         self.max_new_tokens = int(spec.params["max_new_tokens"])
         self.batch_size = int(spec.options.get("batch_size", 4))
         self.model, self.tokenizer, _, self.eos_ids = load_generator(spec.model, device, dtype=None)
@@ -664,11 +668,10 @@ def pair_outputs(candidate: dict[int, dict], opponent: dict[int, dict]) -> list[
 
 def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], out: Path, replicates: int = 5,
               seed: int = 0, template: str = JUDGE_TEMPLATE, verdict_tries: int = 3, limit: int | None = None,
-              device: str | None = None) -> dict:
+              device: str | None = None) -> None:
     """Judge the candidate's outputs against the opponent's; append every judgment to `out` as it completes.
 
     judges: spec strings (JudgeSpec). A judgment whose key is already in `out` is not asked again.
-    Returns counts {judge name: {"asked", "skipped", "identical"}}.
     """
     for field_ in ("{instruction}", "{response_a}", "{response_b}"):
         if field_ not in template:
@@ -682,7 +685,6 @@ def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], 
     indices = pair_outputs(cand, opp)[:limit]
     cand_name, opp_name = next(iter(cand.values()))["generator"], next(iter(opp.values()))["generator"]
     done = {r.get("key") for r in read_jsonl(out, partial_tail_ok=True)} if out.exists() else set()
-    counts = {}
     with open_for_append(out) as f:
         for spec in specs:
             jobs, identical = [], 0
@@ -698,12 +700,10 @@ def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], 
                     if c.strip() == o.strip():  # identical outputs: a tie, no call
                         write_record(f, _record(job, cand_name, opp_name, spec.name, seed,
                                                 Answer("tie", "identical outputs", None)))
-                        done.add(key)
                         identical += 1
                     else:
                         jobs.append(job)
             skipped = replicates * len(indices) - len(jobs) - identical
-            counts[spec.name] = {"asked": len(jobs), "skipped": skipped, "identical": identical}
             print(f"judge {spec.name}: {skipped} judgments already in {out}, {identical} identical pairs (tie, "
                   f"no call), {len(jobs)} to ask", file=sys.stderr)
             if not jobs:
@@ -718,7 +718,6 @@ def run_judge(candidate_path: Path, opponent_path: Path, judges: Sequence[str], 
                     errors += record["verdict"] == "error"
                     bar.update(1)
                     bar.set_postfix(errors=errors)
-    return counts
 
 
 def _record(job: Job, candidate: str, opponent: str, judge: str, seed: int, answer: Answer) -> dict:
@@ -874,7 +873,7 @@ def compute_report(records: Sequence[dict], resamples: int = 10_000, seed: int =
         recs = [r for j in judges for r in groups[(cand, opp, j)]]
         row = win_rate_row(recs, resamples, seed, mean)
         win_rates.append({"candidate": cand, "opponent": opp, "judge": f"mean of {len(judges)} judges", **row})
-        majority = {j: {} for j in judges}
+        majority = {}
         for j in judges:
             per = defaultdict(list)
             for r in groups[(cand, opp, j)]:

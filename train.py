@@ -226,13 +226,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[in
     responses = []
     model.eval()
     for i in range(0, len(rows), cfg.gen_batch):
-        batch = prompt_ids[i:i + cfg.gen_batch]
-        P = max(len(x) for x in batch)
-        x = torch.tensor([[pad] * (P - len(r)) + r for r in batch], device=device)
-        attn = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in batch], device=device)
+        x, attn = left_pad(prompt_ids[i:i + cfg.gen_batch], pad, device)
         with _autocast(device):
             out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg)
-        responses.extend(out[:, P:].cpu())
+        responses.extend(out[:, x.shape[1]:].cpu())
     T = max(r.shape[0] for r in responses)
     response = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
@@ -247,6 +244,14 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[in
     texts = [decode_response(token_bytes(tokenizer, response[b, :int(mask[b].sum())].numpy())).text
              for b in range(len(rows))]
     return Rollout(rows, prompt_ids, response, mask, truncated, texts)
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows left-padded to one length, for generate(): (ids (b, P) int64, attention mask (b, P))."""
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=device)
+    attn = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, attn
 
 
 def _autocast(device):

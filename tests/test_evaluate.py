@@ -75,7 +75,7 @@ def test_order_is_stable_across_processes_and_balanced():
     assert any(E.is_swapped(f"prompt {i}", 0, 0) != E.is_swapped(f"prompt {i}", 0, 1) for i in range(10))
 
 
-def test_judge_prompt_keeps_braces_and_hides_names():
+def test_judge_prompt_keeps_braces():
     p = E.judge_prompt(E.JUDGE_TEMPLATE, "Write {x} in C", "int f() { return 1; }", "{response_a}")
     assert "Write {x} in C" in p and "int f() { return 1; }" in p and p.count("{response_a}") == 1
 
@@ -318,6 +318,7 @@ def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp
         assert "sk-test-secret-123" not in text
     assert all(c["headers"]["Authorization"] == "Bearer sk-test-secret-123" for c in srv.calls)
     assert all(set(c["body"]) == {"model", "messages", "temperature"} for c in srv.calls)
+    assert not any(name in json.dumps(c["body"]) for c in srv.calls for name in ("model-c", "model-o"))
 
 
 def test_judge_stops_cleanly_when_the_service_stays_down(server, pair_files, tmp_path):
