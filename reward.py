@@ -25,6 +25,20 @@ How a (prompt, response) pair becomes the verifier's input, and where this depar
      segmentation it scores the sampled tokens themselves).
   5. An empty response has no verifier tokens: its Eq. 3 CME is NaN, which `grpo.sequence_advantages`
      treats as a masked entry.
+  6. Shared context, one value. A verifier token whose whole context (every id before it, and its own)
+     is identical across several pairs of a call gets one value for all of them: the log-probability
+     from a forward pass of that shared prefix alone (batch of one, no padding), whatever the
+     micro-batching. Responses of a group that share an opening ("Sure! Here is ...") then get
+     bit-identical rewards there, so their per-position advantages are exactly 0 instead of bf16 noise
+     turned into unit-scale advantages (batch composition moves bf16 log-probs by 0.01-0.1 nats).
+     Each shared node is scored by exactly one such forward (that of the first pair reaching it in
+     lexicographic order), so the values depend only on the ids, never on the token budget or on the
+     other pairs of the call. `share_context=False` turns it off (for measuring what it removes).
+  7. End of turn. The paper scores the response's text only: EOS has no text, so no reward. With
+     `ended` (the `--eos-reward` option of train.py) a pair that stopped gets the verifier's own
+     end-of-turn token (`turn_end`: "<end_of_turn>" for Gemma, "<|im_end|>" for ChatML, EOS without a
+     template) appended, and its log-probability is the reward at the generator's EOS position (Eq. 1)
+     or one more term of the mean (Eq. 3). A truncated response has no EOS and gets no such term.
 
 Speed and memory: pairs are sorted by length and packed into micro-batches of at most `token_budget`
 padded tokens (length sorting keeps padding small); the verifier is frozen (`requires_grad_(False)`,
@@ -47,7 +61,7 @@ from align import (align_logprobs, decode_response, encoding_byte_spans, text_to
                    tile_spans, token_byte_spans, token_bytes, vocab_bytes, whitespace_tokens)
 from grpo import token_logprobs
 
-__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "VerifierInput", "encode_pairs", "encode_pair", "same_tokenizer",
+__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "turn_end", "VerifierInput", "encode_pairs", "encode_pair", "same_tokenizer",
            "load_causal_lm", "Verifier"]
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
@@ -68,25 +82,46 @@ def prompt_prefix(tokenizer, prompt: str) -> str:
     return rendered[:at]
 
 
+def turn_end(tokenizer) -> str:
+    """The control token that closes the assistant's turn: the first special token the chat template
+    writes after the assistant's content ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "</s>"), or the
+    tokenizer's EOS without a chat template. "" if there is none (a template closing turns with text).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.eos_token or ""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    after = rendered[rendered.find(_SENTINEL) + len(_SENTINEL):].lstrip()
+    enc = tokenizer.backend_tokenizer.encode(after, add_special_tokens=False) if after else None
+    if enc is None or not enc.ids or not vocab_bytes(tokenizer).special[enc.ids[0]]:
+        return ""
+    return tokenizer.convert_ids_to_tokens(enc.ids[0])
+
+
 @dataclass
 class VerifierInput:
     """One (prompt, response) pair as the verifier reads it.
 
-    ids: (L,) list of int, verifier token ids of prefix + response.
+    ids: (L,) list of int, verifier token ids of prefix + response (+ the end-of-turn token, see `end`).
     response: (R,) int64, positions in ids of the verifier tokens that hold response bytes.
     spans: (R, 2) int64, their [start, end) bytes in the response text's UTF-8, tiling it.
+    end: position in ids of the appended end-of-turn token (module docstring, item 7), or -1.
     """
     ids: list
     response: np.ndarray
     spans: np.ndarray
+    end: int = -1
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) -> list[VerifierInput]:
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                 ended: Sequence[bool] | None = None) -> list[VerifierInput]:
     """Build the verifier's inputs for many pairs and locate each response's bytes in its tokens.
 
-    tokenizer: the verifier's fast tokenizer. prompts, responses: B strings each. See the module
-    docstring for the rules. The encoding runs batched in the tokenizer's Rust threads.
+    tokenizer: the verifier's fast tokenizer. prompts, responses: B strings each. ended: B bools, the
+    pairs that get the verifier's end-of-turn token appended (module docstring, item 7); None: none.
+    See the module docstring for the rules. The encoding runs batched in the tokenizer's Rust threads.
     """
+    end_id = _end_id(tokenizer) if ended is not None and any(ended) else None
     backend = tokenizer.backend_tokenizer
     added = vocab_bytes(tokenizer).added
     prefixes = [prompt_prefix(tokenizer, p) for p in prompts]
@@ -103,7 +138,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) ->
     finally:
         backend.encode_special_tokens = previous
     out = []
-    for head, prefix, cut, tail, response, enc in zip(heads, prefixes, cuts, tails, responses, encs):
+    for i, (head, prefix, cut, tail, response, enc) in enumerate(zip(heads, prefixes, cuts, tails, responses, encs)):
         start = len(prefix[cut:].encode("utf-8"))
         spans = encoding_byte_spans(tokenizer, enc.ids, np.asarray(enc.offsets, np.int64), tail)
         index, tiled = tile_spans(spans, start, start + len(response.encode("utf-8")))
@@ -111,13 +146,27 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str]) ->
         if len(index) and index[0] == 0:
             raise ValueError("the verifier input has no token before the response; the verifier needs a "
                              "BOS token or a chat template")
-        out.append(VerifierInput(list(head) + list(enc.ids), index, tiled))
+        ids = list(head) + list(enc.ids)
+        end = -1
+        if end_id is not None and ended[i]:
+            end = len(ids)
+            ids.append(end_id)
+        out.append(VerifierInput(ids, index, tiled, end))
     return out
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> VerifierInput:
+def _end_id(tokenizer) -> int:
+    """The id of `turn_end(tokenizer)`; a clear error where the verifier has none."""
+    text = turn_end(tokenizer)
+    if not text:
+        raise ValueError("the verifier has no end-of-turn token (no chat-template turn end and no EOS); "
+                         "end-of-turn rewards need one")
+    return tokenizer.convert_tokens_to_ids(text)
+
+
+def encode_pair(tokenizer, prompt: str, response: str, ended: bool = False) -> VerifierInput:
     """`encode_pairs` for one (prompt, response) pair."""
-    return encode_pairs(tokenizer, [prompt], [response])[0]
+    return encode_pairs(tokenizer, [prompt], [response], [ended])[0]
 
 
 def same_tokenizer(a, b) -> bool:
@@ -164,15 +213,17 @@ class Verifier:
     token_budget: padded tokens per micro-batch (rows x longest row).
     chunk_size: positions per output-layer chunk (see grpo.token_logprobs).
     mask_whitespace: Appendix B's whitespace masking (align.py, item 3).
+    share_context: one value for a token whose whole context several pairs share (module docstring, item 6).
     """
 
     def __init__(self, model, tokenizer, token_budget: int = 16384, chunk_size: int = 1024,
-                 mask_whitespace: bool = True):
+                 mask_whitespace: bool = True, share_context: bool = True):
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.token_budget = token_budget
         self.chunk_size = chunk_size
         self.mask_whitespace = mask_whitespace
+        self.share_context = share_context
         self._same: dict = {}
 
     # --- the batched forward ---
@@ -181,8 +232,20 @@ class Verifier:
         """Verifier log-probabilities of chosen tokens of many sequences.
 
         ids: B sequences of token ids (lengths L_b). positions: B int arrays, the positions wanted.
-        Returns B float64 arrays, log p(ids[b][j] | ids[b][:j]) for j in positions[b].
+        Returns B float64 arrays, log p(ids[b][j] | ids[b][:j]) for j in positions[b]. With
+        share_context, a position whose ids up to and including it another sequence shares gets the
+        value of one batch-of-one forward of that shared prefix (module docstring, item 6).
         """
+        positions = [np.asarray(p, dtype=np.int64) for p in positions]
+        out = self._forward(ids, positions, progress)
+        if self.share_context and len(ids) > 1:
+            for b, (where, values) in _shared_values(self._forward, ids, positions).items():
+                out[b] = out[b].copy()
+                out[b][where] = values
+        return out
+
+    def _forward(self, ids, positions, progress: bool = False) -> list[np.ndarray]:
+        """The plain batched forward of `logprobs`: length-sorted micro-batches of token_budget tokens."""
         device = next(self.model.parameters()).device
         order = sorted(range(len(ids)), key=lambda b: -len(ids[b]))  # longest first: little padding
         batches, current = [], []
@@ -220,24 +283,30 @@ class Verifier:
         return out
 
     # --- Eq. 3 ---
-    def sequence_cme(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
+    def sequence_cme(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False,
+                     ended: Sequence[bool] | None = None) -> np.ndarray:
         """Sequence-level CME (Eq. 3): mean NLL over the verifier's own tokens of each response.
 
-        prompts, responses: B strings each. Returns (B,) float64 CME (the reward is its negative);
-        NaN for an empty response.
+        prompts, responses: B strings each. ended: B bools, pairs whose verifier end-of-turn token
+        counts as one more token of the mean (module docstring, item 7); None: the paper's rule.
+        Returns (B,) float64 CME (the reward is its negative); NaN for an empty response.
         """
-        inputs = encode_pairs(self.tokenizer, prompts, responses)
-        logps = self.logprobs([v.ids for v in inputs], [v.response for v in inputs], progress)
+        inputs = encode_pairs(self.tokenizer, prompts, responses, ended)
+        wanted = [np.append(v.response, v.end) if v.end >= 0 else v.response for v in inputs]
+        logps = self.logprobs([v.ids for v in inputs], wanted, progress)
         return np.array([-lp.mean() if len(lp) else np.nan for lp in logps])  # Eq. 3
 
     # --- Eq. 1 ---
     def token_rewards(self, prompts: Sequence[str], gen_tokenizer, gen_ids: Sequence[Sequence[int]],
-                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      progress: bool = False, ended: Sequence[bool] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level rewards r_{i,t} = aligned verifier log-prob on the generator's tokens (Eq. 1).
 
         prompts: B strings. gen_tokenizer: the generator's fast tokenizer.
         gen_ids: B sequences of sampled generator ids (response only; EOS and padding may be there,
             they have no text and are masked). T = the longest.
+        ended: B bools, responses whose last id is the stop token that ended them; that position gets
+            the verifier's end-of-turn log-prob (module docstring, item 7). None: the paper's rule.
         Returns (rewards (B, T) float32, mask (B, T) bool), both zero/False past each response's end.
         """
         key = id(gen_tokenizer)
@@ -246,30 +315,39 @@ class Verifier:
         identity = self._same[key]
         B, T = len(gen_ids), max((len(g) for g in gen_ids), default=0)
         rewards, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
-        seqs, positions, plans = [], [], []
+        ended = [False] * B if ended is None else [bool(e) and len(g) > 0 for e, g in zip(ended, gen_ids)]
+        seqs, positions, plans, ends = [], [], [], []
         gen_ids = [np.asarray(ids, dtype=np.int64) for ids in gen_ids]
         if identity:  # the verifier reads the generator's own tokens after its prefix
             heads = self.tokenizer.backend_tokenizer.encode_batch(
                 [prompt_prefix(self.tokenizer, p) for p in prompts], add_special_tokens=False)
+            end_id = _end_id(self.tokenizer) if any(ended) else None
         else:
             texts = [decode_response(token_bytes(gen_tokenizer, ids)) for ids in gen_ids]
-            vins = encode_pairs(self.tokenizer, prompts, [t.text for t in texts])
+            vins = encode_pairs(self.tokenizer, prompts, [t.text for t in texts], ended)
         for i, ids in enumerate(gen_ids):
             gspans = token_byte_spans(gen_tokenizer, ids)
             whitespace = whitespace_tokens(gen_tokenizer, ids)
             if identity:
                 keep = np.flatnonzero(gspans[:, 1] > gspans[:, 0])  # tokens with text, in order
-                seqs.append(list(heads[i].ids) + ids[keep].tolist())
-                positions.append(len(heads[i].ids) + np.arange(len(keep)))
+                seq = list(heads[i].ids) + ids[keep].tolist()
+                wanted = len(heads[i].ids) + np.arange(len(keep))
+                if ended[i]:
+                    seq.append(end_id)
+                    wanted = np.append(wanted, len(seq) - 1)
+                seqs.append(seq)
+                positions.append(wanted)
                 plans.append((keep, whitespace, None))
             else:
                 seqs.append(vins[i].ids)
-                positions.append(vins[i].response)
+                positions.append(np.append(vins[i].response, vins[i].end) if ended[i] else vins[i].response)
                 plans.append((gspans, whitespace, text_to_response_bytes(texts[i], vins[i].spans)))
         logps = self.logprobs(seqs, positions, progress)
         for i, (plan, lp) in enumerate(zip(plans, logps)):
             spans_or_keep, whitespace, vspans = plan
             n = len(whitespace)
+            if ended[i]:  # the end-of-turn log-prob goes to the EOS position, the response's last
+                lp, eos_logp = lp[:-1], lp[-1]
             if vspans is None:  # identity alignment: position keep[k] gets the k-th log-prob
                 valid = np.zeros(n, bool)
                 valid[spans_or_keep] = True
@@ -280,6 +358,50 @@ class Verifier:
                 aligned[~valid] = 0.0
             else:
                 aligned, valid = align_logprobs(spans_or_keep, vspans, lp, whitespace, self.mask_whitespace)
+            if ended[i]:
+                aligned[n - 1], valid[n - 1] = eos_logp, True
             rewards[i, :n] = torch.from_numpy(aligned).float()
             mask[i, :n] = torch.from_numpy(valid)
         return rewards, mask
+
+
+def _shared_values(forward, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray]) -> dict:
+    """One value per shared context (module docstring, item 6).
+
+    A node is (ids[:p+1]) for a wanted position p; it is shared when two or more sequences agree on
+    ids[:p+1]. In lexicographic order the sequences sharing a node are contiguous, so the node belongs
+    to the first of them: its value comes from a forward of that sequence's shared prefix alone.
+    forward: callable(ids, positions) -> values, the batched forward (each call here is one sequence).
+    Returns {b: (indices into positions[b], values)} for the sequences that have shared positions.
+    """
+    arrays = [np.asarray(x, dtype=np.int64) for x in ids]
+    order = sorted(range(len(ids)), key=lambda b: list(ids[b]))
+    lcp = np.zeros(len(order) + 1, np.int64)  # lcp[k]: common prefix of sorted k-1 and k (0 at the ends)
+    for k in range(1, len(order)):
+        a, b = arrays[order[k - 1]], arrays[order[k]]
+        n = min(len(a), len(b))
+        diff = np.flatnonzero(a[:n] != b[:n])
+        lcp[k] = diff[0] if len(diff) else n
+    owner: list = []  # owner[k][p]: sorted index of the sequence whose forward scores node p of sorted k
+    jobs: dict = {}   # sorted index -> positions its shared-prefix forward must score
+    reads = []        # (b, indices into positions[b], owners, positions)
+    for k, b in enumerate(order):
+        depth = max(lcp[k], lcp[k + 1])  # positions < depth are shared with a neighbour
+        own = np.full(depth, k, np.int64)
+        shared_with_prev = min(lcp[k], depth)
+        if shared_with_prev:
+            own[:shared_with_prev] = owner[k - 1][:shared_with_prev]
+        owner.append(own)
+        where = np.flatnonzero(positions[b] < depth)
+        if len(where):
+            p = positions[b][where]
+            reads.append((b, where, own[p], p))
+            for j in np.unique(own[p]):
+                jobs.setdefault(int(j), set()).update(p[own[p] == j].tolist())
+    values = {}
+    for j, wanted in jobs.items():
+        wanted = np.array(sorted(wanted), np.int64)
+        seq = arrays[order[j]][:wanted[-1] + 1]          # the shared prefix alone: batch of one, no padding
+        values[j] = dict(zip(wanted.tolist(), forward([seq.tolist()], [wanted])[0]))
+    return {b: (where, np.array([values[j][q] for j, q in zip(owners.tolist(), p.tolist())]))
+            for b, where, owners, p in reads}
