@@ -33,8 +33,9 @@ __all__ = ["token_logprobs", "per_position_advantages", "sequence_advantages", "
 
 # --- per-token log-probabilities under a causal LM ---------------------------------------------------
 
-def _head(model):
-    """(weight (V, H), bias or None, transform of the logits) of a causal LM's output layer."""
+def _head(model, temperature: float = 1.0):
+    """(weight (V, H), bias or None, transform of the logits) of a causal LM's output layer; the
+    transform ends with the division by the sampling temperature, as generate() applies it."""
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
@@ -50,6 +51,8 @@ def _head(model):
             logits = logits / divide
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
+        if temperature != 1.0:
+            logits = logits / temperature
         return logits
     return lm_head.weight, getattr(lm_head, "bias", None), transform
 
@@ -68,7 +71,7 @@ def _chunk_logprobs(hidden, targets, weight, bias, transform, with_entropy: bool
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    target_mask: torch.Tensor | None = None, chunk_size: int = 1024,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, temperature: float = 1.0):
     """Per-token log-probabilities of the given tokens under a causal LM, chunked over positions.
 
     model: a transformers causal LM (`*ForCausalLM`).
@@ -77,6 +80,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     chunk_size: positions per output-layer chunk. The float32 logits of at most chunk_size positions
         exist at once (chunk_size x V x 4 bytes: 1 GiB for V = 262,144 at 1,024), never (B, L, V).
     with_entropy: also return the entropy of the model's next-token distribution (RENT baseline).
+    temperature: the logits are divided by it (after any soft-capping): the distribution that
+        generate(temperature=...) samples from. The verifier scores at 1.
     Returns logp (B, L) float32 (float64 for a float64 model) with logp[b, j] = log p(input_ids[b, j] | input_ids[b, :j]) where
     target_mask[b, j] and 0 elsewhere (position 0 has no context and is always 0); with_entropy, also
     entropy (B, L) float32 of the distribution that predicted position j.
@@ -95,7 +100,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     where = target_mask[:, 1:]                                       # (B, L-1): predicted positions
     h = hidden[:, :-1][where]                                        # (N, H)
     targets = input_ids[:, 1:][where]                                # (N,)
-    weight, bias, transform = _head(model)
+    weight, bias, transform = _head(model, temperature)
     grad = torch.is_grad_enabled() and h.requires_grad
     logps, ents = [], []
     for i in range(0, h.shape[0], chunk_size):
@@ -137,7 +142,9 @@ def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_siz
     mu = torch.where(m, r, 0).sum(1, keepdim=True) / n.clamp(min=1)
     var = torch.where(m, (r - mu) ** 2, 0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
     sigma = var.sqrt()
-    ok = m & (n >= 2) & (sigma > eps)
+    rmax = torch.where(m, r, -torch.inf).amax(1, keepdim=True)
+    rmin = torch.where(m, r, torch.inf).amin(1, keepdim=True)
+    ok = m & (n >= 2) & (sigma > eps) & (rmax > rmin)               # equal rewards: exactly 0, any eps
     adv = torch.where(ok, (r - mu) / torch.where(ok, sigma, 1.0), 0.0)  # A_{i,t} = (r - mu_t) / sigma_t
     return adv.reshape(B, T).float()
 

@@ -42,7 +42,7 @@ import torch
 
 from align import decode_response, token_bytes
 from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
-from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm
+from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm, turn_end
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
 
@@ -64,6 +64,12 @@ class Config:
     reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2)",
                      choices=["token", "sequence", "rent"])
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
+    eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
+                          "token (the paper gives EOS none: it has no text); truncated responses get none")
+    adv_eps: float = _f(1e-3, "sigma floor of the advantages: a position (or group) whose reward spread is at "
+                        "most this many nats gets advantage 0 (measured bf16 noise floor, README)")
+    system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
+                                   "none (default: the template's own, e.g. Qwen2.5's 'You are Qwen...')")
     prompts: str = _f("openbmb/UltraFeedback", "hub dataset id or dataset folder, or a local .jsonl / .json / "
                       ".txt file")
     prompt_field: str = _f("instruction", "field holding the prompt in dataset rows and JSON objects")
@@ -108,7 +114,8 @@ def parse_config(argv=None) -> Config:
         if f.type in ("bool", bool):
             ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kind = {"int": int, "float": float, "str": str, "str | None": str}[
+                f.type if isinstance(f.type, str) else f.type.__name__]
             ap.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"),
                             help=f"{meta['help']} (default: {f.default})")
     return Config(**vars(ap.parse_args(argv)))
@@ -183,12 +190,47 @@ def load_prompts(cfg: Config) -> list[str]:
 
 # --- rollouts ----------------------------------------------------------------------------------------
 
-def chat_prefix(tokenizer, prompt: str) -> str:
-    """The generator's input text for a prompt: its chat template, or the plain format."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=prompt)
+def chat_prefix(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
+    """The generator's input text for a prompt: its chat template, or the plain format.
+
+    system_prompt: None keeps the template's behaviour (Qwen2.5 and SmolLM2 inject a default system
+    prompt, as TRL does); text becomes a system turn; "" means no system text: it removes a default the
+    template injects (an empty system turn is the only way these templates allow) and otherwise adds
+    nothing. A model without a chat template has no system turn; text is then put before the prompt.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        head = f"{system_prompt}\n\n" if system_prompt else ""
+        return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=head + prompt)
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    user = [{"role": "user", "content": prompt}]
+    if system_prompt is None:
+        return render(user)
+    if system_prompt:
+        return render([{"role": "system", "content": system_prompt}] + user)
+    plain, marked = render(user), render([{"role": "system", "content": _SYSTEM_MARK}] + user)
+    before, _, after = marked.partition(_SYSTEM_MARK)
+    injects_default = (len(plain) > len(before) + len(after) and plain.startswith(before)
+                       and plain.endswith(after))
+    return before + after if injects_default else plain
+
+
+_SYSTEM_MARK = "<<CME-GRPO-SYSTEM-7f3a>>"
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """Ids that end a response: the union of the generation config's EOS, the tokenizer's EOS and the
+    chat template's end-of-turn token. Qwen2.5 *base* ships EOS <|endoftext|> while its template ends
+    a turn with <|im_end|>: stopping on EOS alone lets a base model run on into invented turns.
+    """
+    eos = generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    end = turn_end(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
+    for extra in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end) if end else None):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    return ids
 
 
 def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int):
@@ -222,7 +264,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[in
     rows = [p for p in prompts for _ in range(cfg.group_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     gen_cfg = sampling_config(cfg, eos_ids, pad)
-    prompt_ids = [tokenizer(chat_prefix(tokenizer, p), add_special_tokens=False).input_ids for p in rows]
+    prompt_ids = [tokenizer(chat_prefix(tokenizer, p, cfg.system_prompt), add_special_tokens=False).input_ids
+                  for p in rows]
     responses = []
     model.eval()
     for i in range(0, len(rows), cfg.gen_batch):
@@ -262,24 +305,29 @@ def _autocast(device):
 # --- rewards -----------------------------------------------------------------------------------------
 
 def policy_logprobs(model, rollout: Rollout, rows: slice, cfg: Config, device, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) on the response tokens of rollout rows: (b, T) float32 (and entropy)."""
+    """log pi(y_t | x, y_<t) on the response tokens of rollout rows: (b, T) float32 (and entropy).
+
+    The logits are divided by the sampling temperature (as TRL and verl do), so the update is the
+    gradient of the policy that sampled the rollout, and RENT's entropies are that policy's.
+    """
     ids = [rollout.prompt_ids[b] + rollout.response[b, :int(rollout.mask[b].sum())].tolist()
            for b in range(rows.start, rows.stop)]
     P = torch.tensor([len(rollout.prompt_ids[b]) for b in range(rows.start, rows.stop)])
     L = max(len(x) for x in ids)
     x = torch.zeros(len(ids), L, dtype=torch.long)
     attn = torch.zeros(len(ids), L, dtype=torch.long)
+    target = torch.zeros(len(ids), L, dtype=torch.bool)
     for r, seq in enumerate(ids):  # right padding: no position shift for the real tokens
         x[r, :len(seq)] = torch.tensor(seq)
         attn[r, :len(seq)] = 1
+        target[r, int(P[r]):len(seq)] = True                         # the response tokens, EOS included
     T = rollout.response.shape[1]
-    where = (P[:, None] + torch.arange(T)).clamp(max=L - 1)          # (b, T) response positions in x
-    mask = rollout.mask[rows]
-    target = torch.zeros(len(ids), L, dtype=torch.bool)
-    target.scatter_(1, where, mask)
+    where = (P[:, None] + torch.arange(T)).clamp(max=L - 1)          # (b, T) response positions in x;
+    mask = rollout.mask[rows]                                        # clamped ones are masked below
     with _autocast(device):
         out = token_logprobs(model, x.to(device), attn.to(device), target.to(device),
-                             chunk_size=cfg.logprob_chunk, with_entropy=with_entropy)
+                             chunk_size=cfg.logprob_chunk, with_entropy=with_entropy,
+                             temperature=cfg.temperature)
     if with_entropy:
         return tuple(o.gather(1, where.to(device)) * mask.to(device) for o in out)
     return out.gather(1, where.to(device)) * mask.to(device)           # (b, T)
@@ -292,21 +340,22 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
     None, token rewards (B, T) or None).
     """
     B = rollout.response.shape[0]
+    ended = (~rollout.truncated).tolist() if cfg.eos_reward else None
     if cfg.reward == "token":
         ids = [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(B)]
-        narrow, narrow_valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids)  # Eq. 1
+        narrow, narrow_valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids, ended=ended)  # Eq. 1
         T = rollout.response.shape[1]  # token_rewards is as wide as the longest response; pad to T
         rewards, valid = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
         rewards[:, :narrow.shape[1]], valid[:, :narrow.shape[1]] = narrow, narrow_valid
-        adv = per_position_advantages(rewards, valid, cfg.group_size)
+        adv = per_position_advantages(rewards, valid, cfg.group_size, cfg.adv_eps)
         n = valid.sum(1).clamp(min=1)
         per_response = (rewards.double().sum(1) / n).numpy()
         per_response[valid.sum(1).numpy() == 0] = np.nan
         return adv, per_response, -per_response, rewards
     if cfg.reward == "sequence":
-        cme = verifier.sequence_cme(rollout.prompts, rollout.texts)                    # Eq. 3
+        cme = verifier.sequence_cme(rollout.prompts, rollout.texts, ended=ended)       # Eq. 3
         r = torch.from_numpy(-cme)
-        return sequence_advantages(r, cfg.group_size), -cme, cme, None
+        return sequence_advantages(r, cfg.group_size, cfg.adv_eps), -cme, cme, None
     entropies = []
     with torch.no_grad():
         for i in range(0, B, cfg.micro_batch):
@@ -315,7 +364,7 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
             m = rollout.mask[rows].to(device)
             entropies.append((ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu())
     r = -torch.cat(entropies)                                                           # RENT
-    return sequence_advantages(r, cfg.group_size), r.numpy(), None, None
+    return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), None, None
 
 
 # --- the update --------------------------------------------------------------------------------------
@@ -439,6 +488,17 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+def shared_share(rollout: Rollout, group_size: int) -> float:
+    """Share of response positions where every response of the group has the same tokens so far
+    (a common opening); their rewards are identical by construction (reward.py, item 6), so A = 0."""
+    shared = 0
+    for g in range(0, rollout.response.shape[0], group_size):
+        ids, mask = rollout.response[g:g + group_size], rollout.mask[g:g + group_size]
+        same = ((ids == ids[:1]) & mask).all(0)                     # (T,) equal and present in all
+        shared += group_size * int(same.cumprod(0).sum())           # the common prefix's length
+    return shared / max(int(rollout.mask.sum()), 1)
+
+
 def _stats(x) -> tuple[float, float]:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -486,17 +546,18 @@ def load_generator(name: str, device, trust_remote_code: bool = False, dtype: to
     """The generator, by default in fp32 master weights (bf16 autocast on GPU), with its shipped sampling
     defaults set aside so they cannot leak into rollouts (dtype None: bf16 on CUDA, for inference).
 
-    Returns (model, tokenizer, shipped GenerationConfig (restored in saved checkpoints), eos ids).
+    Returns (model, tokenizer, shipped GenerationConfig (restored in saved checkpoints), stop ids: the
+    union of EOS ids and the chat template's end of turn, see `stop_token_ids`).
     """
     from transformers import GenerationConfig
 
     model, tok = load_causal_lm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     shipped = model.generation_config
     model.generation_config = GenerationConfig()
-    eos = shipped.eos_token_id if shipped.eos_token_id is not None else tok.eos_token_id
-    if eos is None:
+    stop = stop_token_ids(tok, shipped)
+    if not stop:
         raise ValueError(f"generator {name!r} has no EOS token: its responses could never end")
-    return model, tok, shipped, [eos] if isinstance(eos, int) else list(eos)
+    return model, tok, shipped, stop
 
 
 def train(cfg: Config, on_step=None) -> list[dict]:
@@ -525,17 +586,20 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 raise ValueError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} in the checkpoint, "
                                  f"now {getattr(cfg, k)!r}")
     out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"config": asdict(cfg)}, indent=1), flush=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-
     model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
+    # what the generator sees, so a reader can check it: the first prompt rendered, and the stop tokens
+    seen = {"rendered_first_prompt": chat_prefix(gen_tok, prompts[0], cfg.system_prompt),
+            "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids)}
+    print(json.dumps({"config": asdict(cfg), **seen}, indent=1, ensure_ascii=False), flush=True)
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
+
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     ref_model = None
     if cfg.beta > 0:  # beta = 0: no reference model is loaded at all
-        ref_model, _ = load_causal_lm(cfg.gen, device=device, trust_remote_code=cfg.trust_remote_code)
-        ref_model.requires_grad_(False).eval()
+        # loaded exactly like the policy (fp32, the same autocast), so KL = 0 before the first update
+        ref_model = load_generator(cfg.gen, device, cfg.trust_remote_code)[0].requires_grad_(False).eval()
     verifier = None
     if cfg.reward != "rent":
         vmodel, vtok = load_causal_lm(cfg.verifier, device=device, init=cfg.verifier_init, seed=cfg.seed,
@@ -591,6 +655,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             if cme is not None:
                 m.update(zip(("cme_mean", "cme_std"), _stats(cme)))
             m.update({"zero_spread_groups": float((groups.abs().sum(1) == 0).float().mean()),
+                      "shared_positions": shared_share(rollout, cfg.group_size),
                       "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
                       "truncated": float(rollout.truncated.float().mean()), **upd,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(lengths.sum() / (t3 - t0)),

@@ -8,7 +8,10 @@ and loaded back with AutoTokenizer.from_pretrained, the path users take:
   - "sp_gemma": SentencePiece-style BPE with byte fallback, no dummy prefix, no Strip, and a Gemma
                 chat template (Gemma-3-like).
 Tiny random-init models (Qwen2, Gemma3 with logit soft-capping, Llama) are saved and reloaded the same way.
-Real tokenizers from ../shared/tokenizers are used where that folder exists.
+Real tokenizers from ../shared/tokenizers are used where that folder exists, and the real small models
+that ../shared/models/build_real_models.py builds (SmolLM2-135M-Instruct, gemma-3-270m) where they are
+built: `$CME_REAL_MODELS`, default ~/.cache/cme-grpo/real-models (.ci/run builds them when
+../shared/models exists). Tests needing either skip cleanly elsewhere.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import demo  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
 
 SHARED = ROOT.parent / "shared"
-REAL_TOKENIZERS = ["qwen2.5", "llama-3.2", "llama-2", "mistral-7b-v0.1"]
+REAL_TOKENIZERS = ["qwen2.5", "llama-3.2", "llama-2", "mistral-7b-v0.1", "gemma-3", "smollm2"]
+REAL_MODELS = Path(os.environ.get("CME_REAL_MODELS", Path.home() / ".cache/cme-grpo/real-models"))
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps.",
@@ -95,3 +99,11 @@ def real_tokenizer(name: str):
     if not path.is_dir():
         pytest.skip(f"{path} not present (test data only in the development checkout)")
     return AutoTokenizer.from_pretrained(path)
+
+
+def real_model(name: str) -> Path:
+    """The folder of a real small model ("smollm2-135m-instruct", "gemma-3-270m"), or skip the test."""
+    path = REAL_MODELS / name
+    if not (path / "model.safetensors").exists():
+        pytest.skip(f"{path} not built (python ../shared/models/build_real_models.py; development checkout only)")
+    return path

@@ -249,3 +249,25 @@ def test_token_logprobs_gradient_matches_unchunked(tiny_model):
     for a, p in zip(chunked, tiny_model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12)
     tiny_model.zero_grad()
+
+
+def test_token_logprobs_divide_by_the_sampling_temperature(tiny_model):
+    """log-probs at temperature T are those of softmax(logits / T), logits after any soft-capping: the
+    distribution generate(temperature=T) samples from (a missing division fails this for T != 1)."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[:, :-1] / 0.7               # HF applies the cap itself
+        want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        H = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+        lp, ent = token_logprobs(tiny_model, ids, with_entropy=True, temperature=0.7)
+    torch.testing.assert_close(lp[:, 1:], want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent[:, 1:], H, rtol=1e-10, atol=1e-10)
+
+
+def test_equal_rewards_get_exactly_zero_advantage_whatever_eps():
+    """Three copies of 0.1 have a float mean of 0.10000000000000002: without the explicit equality
+    check, eps = 0 would turn that rounding into unit advantages."""
+    r = torch.tensor([[0.1, 1.0], [0.1, 2.0], [0.1, 4.0]], dtype=torch.float64)
+    A = per_position_advantages(r, torch.ones(3, 2, dtype=torch.bool), group_size=3, eps=0.0)
+    assert (A[:, 0] == 0).all() and (A[:, 1] != 0).all()

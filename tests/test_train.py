@@ -247,3 +247,116 @@ def test_rewards_fit_the_rollout_when_every_response_ends_early(built, reward):
     m = T.policy_update(model, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
                         cfg, torch.device("cpu"))
     assert not m["skipped"]
+
+
+# --- the real setting: log-probs, stop tokens, temperature, reference model, system prompt -----------
+
+def test_policy_logprobs_equal_one_row_at_a_time(built):
+    """Unequal prompt and response lengths in one micro-batch; the row with the longest total length has
+    a shorter response than another row, so its last token sits at the batch's last position (the old
+    clamp-then-scatter wrote a False over it). Temperature 0.7: log-probs of softmax(logits / 0.7)."""
+    cfg = T.Config(temperature=0.7)
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    prompts = ["A much longer prompt than the others, with many words in it", "Hi", "Mid-size prompt", "x"]
+    lengths = [3, 9, 5, 1]
+    words = tok.encode(" the quick brown fox jumps over a lazy dog again", add_special_tokens=False)
+    response = torch.full((4, max(lengths)), tok.pad_token_id)
+    mask = torch.zeros(4, max(lengths), dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        response[b, :n] = torch.tensor((words * 3)[b:b + n - 1] + [eos[0]])
+        mask[b, :n] = True
+    prompt_ids = [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts]
+    rollout = T.Rollout(prompts, prompt_ids, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
+    assert len(prompt_ids[0]) + lengths[0] == max(len(p) + n for p, n in zip(prompt_ids, lengths))
+    with torch.no_grad():
+        got = T.policy_logprobs(model, rollout, slice(0, 4), cfg, torch.device("cpu"))
+        for b, n in enumerate(lengths):
+            seq = torch.tensor([prompt_ids[b] + response[b, :n].tolist()])
+            logits = model(input_ids=seq).logits[0, :-1] / 0.7
+            want = torch.log_softmax(logits, -1).gather(-1, seq[0, 1:, None])[-n:, 0]
+            torch.testing.assert_close(got[b, :n], want, rtol=1e-5, atol=1e-5)
+            assert (got[b, n:] == 0).all()
+
+
+def _turn_end_differs_from_eos(built, tmp_path):
+    """A tiny Qwen2.5-base-like generator: EOS <|endoftext|> (tokenizer and generation config), while its
+    ChatML template ends the assistant's turn with <|im_end|>."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    folder = tmp_path / "base-like"
+    shutil.copytree(built["qwen2"], folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>")).save_pretrained(folder)
+    return folder
+
+
+def test_rollouts_and_greedy_outputs_stop_at_the_templates_turn_end(built, tmp_path):
+    from evaluate import greedy_generate
+
+    folder = _turn_end_differs_from_eos(built, tmp_path)
+    model, tok, shipped, stop = T.load_generator(str(folder), torch.device("cpu"))
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert shipped.eos_token_id == endoftext and stop == [endoftext, im_end]
+    head = torch.nn.Linear(model.config.hidden_size, model.lm_head.out_features)  # always says <|im_end|>
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()[im_end] = 50.0
+    model.lm_head = head
+    rollout = T.generate(model, tok, ["Hi"], T.Config(group_size=2, max_new_tokens=6), stop, torch.device("cpu"))
+    assert rollout.mask.sum(1).tolist() == [1, 1] and not rollout.truncated.any()  # the turn ended at once
+    assert rollout.response[:, 0].tolist() == [im_end, im_end] and rollout.texts == ["", ""]
+    [[out]] = list(greedy_generate(model, tok, ["Hi"], 6, stop))
+    assert out["tokens"] == 0 and not out["truncated"] and out["output"] == ""
+
+
+@pytest.mark.parametrize("name,eos,turn", [("qwen2.5", "<|endoftext|>", "<|im_end|>"),
+                                           ("gemma-3", "<eos>", "<end_of_turn>"),
+                                           ("llama-3.2", "<|end_of_text|>", "<|eot_id|>"),
+                                           ("smollm2", "<|im_end|>", "<|im_end|>")])
+def test_stop_tokens_of_real_tokenizers(name, eos, turn):
+    """Each base model's generation config names only its EOS; the template's turn end is added."""
+    from transformers import GenerationConfig
+
+    from conftest import real_tokenizer
+
+    tok = real_tokenizer(name)
+    stop = T.stop_token_ids(tok, GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(eos)))
+    assert stop[0] == tok.convert_tokens_to_ids(eos) and tok.convert_tokens_to_ids(turn) in stop
+    from align import vocab_bytes
+    assert len(stop) == len(set(stop)) and vocab_bytes(tok).special[stop].all()  # control tokens: no text
+
+
+def test_reference_model_gives_zero_kl_before_the_first_update(built, prompts_file, tmp_path):
+    cfg = T.Config(gen=str(built["qwen2"]), verifier=str(built["gemma3"]), prompts=str(prompts_file),
+                   out=str(tmp_path / "run"), group_size=2, prompts_per_step=2, micro_batch=3, max_new_tokens=6,
+                   beta=0.1, max_steps=2, lr=1e-2, warmup_steps=1, temperature=0.8, device="cpu", sample_every=0)
+    history = T.train(cfg)
+    assert history[0]["kl"] == 0.0 and history[1]["kl"] > 0  # the policy equals the reference until it moves
+
+
+def test_system_prompt_default_text_and_none():
+    from conftest import real_tokenizer
+
+    qwen = real_tokenizer("qwen2.5")
+    assert "You are Qwen, created by Alibaba Cloud" in T.chat_prefix(qwen, "Hi")  # the template's default
+    assert T.chat_prefix(qwen, "Hi", "") == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                             "<|im_start|>assistant\n")
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in T.chat_prefix(qwen, "Hi", "Be brief.")
+    gemma = real_tokenizer("gemma-3")  # no default system prompt: "" changes nothing
+    assert T.chat_prefix(gemma, "Hi", "") == T.chat_prefix(gemma, "Hi") == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert T.chat_prefix(gemma, "Hi", "Be brief.").startswith("<bos><start_of_turn>user\nBe brief.\n\nHi")
+
+
+def test_system_prompt_reaches_the_rollout_and_config_json(built, prompts_file, tmp_path):
+    out = tmp_path / "run"
+    r = cli(*tiny_run_args(built, prompts_file, out, "--max-steps", 1, "--system-prompt", "Answer in one word."))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["system_prompt"] == "Answer in one word."
+    assert cfg["rendered_first_prompt"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n")
+    assert cfg["stop_tokens"] == ["<|im_end|>"]
