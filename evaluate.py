@@ -220,10 +220,13 @@ def read_outputs(path: str | Path) -> dict[int, dict]:
 # --- generate ------------------------------------------------------------------------------------------
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, eos_ids: list[int],
-                    batch_size: int = 8, progress: bool = False) -> Iterator[list[dict]]:
+                    batch_size: int = 8, progress: bool = False, system_prompt: str | None = None
+                    ) -> Iterator[list[dict]]:
     """Greedy responses to user prompts, a batch at a time (yields per batch, for writing as it goes).
 
     prompts: strings, each rendered with the model's chat template (reward.PLAIN_TEMPLATE without one).
+    eos_ids: the stop ids (train.stop_token_ids: EOS and the template's turn end).
+    system_prompt: as train.chat_prefix (None: the template's own default).
     Prompts are processed longest first (little left padding per batch). Yields, per batch, dicts
     {position (in prompts), output (text before EOS), tokens (generated ids before EOS), truncated
     (no EOS within max_new_tokens)}.
@@ -237,7 +240,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                               pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0)
-    ids = [tokenizer(chat_prefix(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    ids = [tokenizer(chat_prefix(tokenizer, p, system_prompt), add_special_tokens=False).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     bar = None
     if progress:
@@ -267,11 +270,11 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
 def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval", max_new_tokens: int = 2048,
                  batch_size: int = 8, name: str | None = None, limit: int | None = None,
-                 device: str | None = None, trust_remote_code: bool = False) -> int:
+                 device: str | None = None, trust_remote_code: bool = False, system_prompt: str | None = None) -> int:
     """Write greedy outputs of a model to `out` as JSONL, skipping indices already there. Returns the count written.
 
     Each line: {index, instruction, output, generator, tokens (generated tokens before EOS),
-    truncated (no EOS within max_new_tokens), max_new_tokens}.
+    truncated (no EOS within max_new_tokens), max_new_tokens, system_prompt (null: the template's own)}.
     """
     from train import load_generator
 
@@ -283,6 +286,9 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
             if r.get("generator") != name:
                 raise ValueError(f"{out} holds outputs of {r.get('generator')!r}, not {name!r}; "
                                  f"choose another --out or --name")
+            if r.get("system_prompt") != system_prompt:
+                raise ValueError(f"{out} holds outputs made with --system-prompt {r.get('system_prompt')!r}, not "
+                                 f"{system_prompt!r}; choose another --out")
             done.add(r["index"])
     todo = [p for p in prompts if p["index"] not in done]
     print(f"{len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating {len(todo)}",
@@ -293,12 +299,12 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
     written = 0
     with open_for_append(out) as f:
         for batch in greedy_generate(model, tok, [p["instruction"] for p in todo], max_new_tokens, eos_ids,
-                                     batch_size, progress=True):
+                                     batch_size, progress=True, system_prompt=system_prompt):
             for r in batch:
                 p = todo[r["position"]]
                 write_record(f, {"index": p["index"], "instruction": p["instruction"], "output": r["output"],
                                  "generator": name, "tokens": r["tokens"], "truncated": r["truncated"],
-                                 "max_new_tokens": max_new_tokens})
+                                 "max_new_tokens": max_new_tokens, "system_prompt": system_prompt})
                 written += 1
     return written
 
@@ -1152,6 +1158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="only the first N prompts")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--system-prompt", help="system prompt for the chat template: text, or \"\" for none "
+                   "(default: the template's own, e.g. Qwen2.5's 'You are Qwen...'); as train.py's")
 
     j = sub.add_parser("judge", help="pairwise judgments of a candidate outputs file against an opponent's")
     j.add_argument("candidate", type=Path, help="the candidate's outputs file")
@@ -1196,7 +1204,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             run_generate(args.model, args.out, args.prompts, args.max_new_tokens, args.batch_size, args.name,
-                         args.limit, args.device, args.trust_remote_code)
+                         args.limit, args.device, args.trust_remote_code, args.system_prompt)
         elif args.command == "judge":
             template = args.template.read_text(encoding="utf-8") if args.template else JUDGE_TEMPLATE
             run_judge(args.candidate, args.opponent, args.judge, args.out, args.replicates, args.seed, template,

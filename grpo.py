@@ -7,9 +7,9 @@
 
 Choices the paper leaves open, stated here once:
   1. sigma is the *unbiased* standard deviation (divide by n - 1, as torch.std and TRL's GRPO), over the
-     valid entries at a position. A position with fewer than 2 valid entries, or sigma <= eps
-     (default 1e-4 nats, far below any real spread of log-probabilities), gets advantage 0, never NaN.
-     Normalised advantages then have mean 0 and unbiased std 1 at every such position.
+     valid entries at a position. A position with fewer than 2 valid entries, with all entries equal, or
+     with sigma <= eps (the noise floor SIGMA_FLOOR) gets advantage 0, never NaN. Normalised advantages
+     then have mean 0 and unbiased std 1 at every other position.
   2. The KL term is the k3 estimator exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref
      (Schulman, "Approximating KL divergence", 2020; DeepSeekMath Eq. 4), aggregated exactly like the
      policy term: the per-sequence token mean, then the mean over sequences.
@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "per_position_advantages", "sequence_advantages", "grpo_loss"]
+__all__ = ["SIGMA_FLOOR", "token_logprobs", "per_position_advantages", "sequence_advantages", "grpo_loss"]
+
+SIGMA_FLOOR = 0.02
+"""Nats. A reward spread at or below this is numerical noise, not signal: its advantages are 0.
+Measured with `python bench_noise.py` (real gemma-3-270m verifier in bf16 on CPU, G = 8): the sigma of
+rewards that are exactly equal but computed in different micro-batches reached 0.0167 nats at most
+(99th percentile 0.0024), while real spreads across a group have a 1st percentile of 0.25-0.55 nats.
+Identical contexts no longer reach this floor at all (reward.py, item 6); it is a safety net."""
 
 
 # --- per-token log-probabilities under a causal LM ---------------------------------------------------
@@ -123,7 +130,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 # --- advantages ------------------------------------------------------------------------------------
 
 def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
-                            eps: float = 1e-4) -> torch.Tensor:
+                            eps: float = SIGMA_FLOOR) -> torch.Tensor:
     """A_{i,t} = (r_{i,t} - mu_t) / sigma_t across the G responses of each prompt at position t.
 
     rewards: (B, T) float, r_{i,t} (Eq. 1); rows i*G .. i*G+G-1 are the G responses of prompt i.
@@ -149,7 +156,7 @@ def per_position_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_siz
     return adv.reshape(B, T).float()
 
 
-def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = SIGMA_FLOOR) -> torch.Tensor:
     """A_i = (r_i - mu) / sigma across the G responses of each prompt (Appendix A, sequence level).
 
     rewards: (B,) float, one scalar per response (e.g. -CME(y_i) of Eq. 3); a non-finite reward (the

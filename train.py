@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from align import decode_response, token_bytes
-from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm, turn_end
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
@@ -66,8 +66,8 @@ class Config:
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
                           "token (the paper gives EOS none: it has no text); truncated responses get none")
-    adv_eps: float = _f(1e-3, "sigma floor of the advantages: a position (or group) whose reward spread is at "
-                        "most this many nats gets advantage 0 (measured bf16 noise floor, README)")
+    adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
+                        "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)")
     system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
                                    "none (default: the template's own, e.g. Qwen2.5's 'You are Qwen...')")
     prompts: str = _f("openbmb/UltraFeedback", "hub dataset id or dataset folder, or a local .jsonl / .json / "

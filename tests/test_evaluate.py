@@ -696,3 +696,19 @@ def test_cme_mean_and_heatmaps(built, tiny_outputs, tmp_path):
               device="cpu", limit=2)
     png = tmp_path / "tiny-qwen-12.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_system_prompt_is_recorded_and_never_mixed(built, tmp_path):
+    import evaluate as E
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Say {w}.", "index": i}) + "\n"
+                               for i, w in enumerate(["yes", "no", "maybe"])))
+    out = tmp_path / "o.jsonl"
+    base = ["generate", "--model", str(built["qwen2"]), "--name", "q", "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "4", "--device", "cpu"]
+    assert E.main(base + ["--limit", "2", "--system-prompt", ""]) == 0
+    assert [r["system_prompt"] for r in E.read_jsonl(out)] == ["", ""]
+    assert E.main(base + ["--system-prompt", "Be brief."]) == 2  # another system prompt: refused, file intact
+    assert len(E.read_jsonl(out)) == 2
+    assert E.main(base + ["--system-prompt", ""]) == 0 and len(E.read_jsonl(out)) == 3

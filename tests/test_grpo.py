@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 
 
 # --- advantages --------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def group_batch(draw):
 def test_advantages_equal_slow_loop(batch):
     r, m, G = batch
     got = per_position_advantages(torch.tensor(r), torch.tensor(m), G).numpy()
-    np.testing.assert_allclose(got, slow_advantages(r, m, G, 1e-4), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, slow_advantages(r, m, G, SIGMA_FLOOR), rtol=1e-4, atol=1e-5)
     assert np.isfinite(got).all() and (got[~m] == 0).all()
 
 

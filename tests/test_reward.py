@@ -1,6 +1,8 @@
 """reward.py: verifier inputs, batched scoring, token-level (Eq. 1) and sequence-level (Eq. 3) CME."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,93 @@ def test_load_errors_and_random_init(built, tmp_path):
     c, _ = load_causal_lm(str(built["gemma3"]), device="cpu")
     wa, wb, wc = (m.get_input_embeddings().weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc) and wa.shape == wc.shape
+
+
+# --- end of turn (train.py --eos-reward) -------------------------------------------------------------
+
+def hf_logprob_of_next(model, ids: list, token: int) -> float:
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)[token].item()
+
+
+def test_end_of_turn_reward_at_eos(verifier, tokenizers):
+    """With `ended`, the EOS position of a stopped response gets log p(verifier's turn end | prompt,
+    response) from a plain forward; a truncated one gets nothing; every other position is unchanged."""
+    from reward import turn_end
+
+    gen = tokenizers["bytebpe"]
+    prompts, ended = PROMPTS[:4], [True, False, True, True]
+    ids = [gen.encode(r, add_special_tokens=False) + [gen.eos_token_id] for r in RESPONSES[:4]]
+    texts = [token_bytes(gen, i).decode("utf-8") for i in ids]
+    end = verifier.tokenizer.convert_tokens_to_ids(turn_end(verifier.tokenizer))
+    assert turn_end(verifier.tokenizer) in ("<end_of_turn>", "<|im_end|>", "</s>")  # template or plain EOS
+    paper, paper_mask = verifier.token_rewards(prompts, gen, ids)
+    rewards, mask = verifier.token_rewards(prompts, gen, ids, ended=ended)
+    cme = verifier.sequence_cme(prompts, texts, ended=ended)
+    for b, (p, t, n) in enumerate(zip(prompts, texts, map(len, ids))):
+        vin = encode_pair(verifier.tokenizer, p, t)
+        torch.testing.assert_close(rewards[b, :n - 1], paper[b, :n - 1], rtol=1e-6, atol=1e-6)
+        assert not paper_mask[b, n - 1] and bool(mask[b, n - 1]) == ended[b]
+        if ended[b]:
+            want = hf_logprob_of_next(verifier.model, vin.ids, end)
+            assert abs(rewards[b, n - 1].item() - want) < 1e-4
+            total = -hf_cme(verifier.model, vin) * len(vin.response) + want
+            assert abs(cme[b] + total / (len(vin.response) + 1)) < 1e-5  # Eq. 3 with one more token
+        else:
+            assert rewards[b, n - 1] == 0 and abs(cme[b] - hf_cme(verifier.model, vin)) < 1e-5
+
+
+# --- shared context: one value, whatever the batching -------------------------------------------------
+
+OPENING = "Sure! Here is a short answer to your question about the weather in the mountains today.\n"
+ENDINGS = ["It will rain.", "Expect snow and strong wind later.", "Sunny, 20 degrees.", "No idea, sorry!",
+           "Clouds, then some sun in the afternoon, and a cold night.", "Fog."]
+
+
+def group_ids(gen, opening: str, endings) -> list:
+    return [gen.encode(opening + e, add_special_tokens=False) + [gen.eos_token_id] for e in endings]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_opening_gets_identical_rewards_and_zero_advantage(built, tokenizers, share):
+    """G responses sharing a 20+ token opening, scored by a bf16 verifier with token budgets from one
+    pair per micro-batch to all in one, alone and with another prompt's group as batch companions.
+
+    A tiny model on a CPU computes bit-identical bf16 values whatever the batch, so the verifier gets
+    what a GPU's kernels have: numbers that depend on the micro-batch's shape (a forward hook adds an
+    offset of up to 0.05 to the hidden states, fixed for a given (rows, length)). Without the rule,
+    members then disagree at the opening (asserted, so this test can fail); with it, rewards there are
+    bit-identical across members and across every budget, and their advantages exactly 0.
+    """
+    from grpo import per_position_advantages
+
+    model, tok = load_causal_lm(str(built["gemma3"]), dtype=torch.bfloat16, device="cpu")
+    model.get_decoder().norm.register_forward_hook(
+        lambda module, args, out: out + 0.05 * math.sin(7.3 * out.shape[0] + 1.7 * out.shape[1]))
+    gen = tokenizers["bytebpe"]
+    G = len(ENDINGS)
+    ids = group_ids(gen, OPENING, ENDINGS)
+    lcp = next(t for t in range(min(map(len, ids))) if len({r[t] for r in ids}) > 1)
+    shared = slice(0, lcp - 2)  # the opening minus its last tokens, whose verifier tokens may reach past it
+    assert lcp - 2 >= 20
+    other = group_ids(gen, "Well, ", ["yes.", "no, not at all today.", "maybe", "It depends on many things.",
+                                      "Ask again later.", "Certainly!"])
+    runs = []
+    for budget in (1, 40, 200, 10 ** 6):
+        for companions in (False, True):
+            prompts = ["What is the weather?"] * G + (["Will it work?"] * G if companions else [])
+            v = Verifier(model, tok, token_budget=budget, share_context=share)
+            rewards, mask = v.token_rewards(prompts, gen, ids + (other if companions else []))
+            adv = per_position_advantages(rewards, mask, G)
+            runs.append((rewards[:G], mask[:G], adv[:G]))
+    for rewards, mask, adv in runs:
+        assert (mask[:, shared] == mask[:1, shared]).all() and mask[0, shared].sum() >= 15  # whitespace masked
+        assert torch.equal(mask, runs[0][1])
+        torch.testing.assert_close(rewards, runs[0][0], rtol=0, atol=1.0)  # what the injected noise can do
+        if share:
+            assert (rewards[:, shared] == rewards[:1, shared]).all()        # one value for all members
+            assert torch.equal(rewards[:, shared], runs[0][0][:, shared])   # whatever the batching
+            assert (adv[:, shared] == 0).all()
+    if not share:  # the noise is real here: members disagree, and advantages at the opening are not 0
+        assert any(not (r[:, shared] == r[:1, shared]).all() for r, _, _ in runs)
+        assert any((a[:, shared] != 0).any() for _, _, a in runs)
