@@ -165,7 +165,11 @@ def decoder_text(tok, ids) -> str:
 def test_encoded_text_spans_match_the_real_decoder(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     data = token_bytes(tok, ids)
-    assert data.decode("utf-8") == decoder_text(tok, ids)
+    singles = {p[0] for p in vocab_bytes(tok).pieces if len(p) == 1}
+    if vocab_bytes(tok).kind != "byte-level" or set(text.encode("utf-8")) <= singles:
+        assert data.decode("utf-8") == decoder_text(tok, ids)
+    else:  # the real SmolLM2 vocabulary has no token for 21 bytes (0xF1 leads U+40000...): encoding drops
+        assert data.decode("utf-8", "replace") == decoder_text(tok, ids)  # them; the decoder agrees with us
     spans = token_byte_spans(tok, ids)
     assert_tiles(spans, len(data))
     # the slow obvious oracle: decode every prefix with the real decoder, where it is valid UTF-8
