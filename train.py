@@ -581,9 +581,11 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     if resume_from is not None:
         state = torch.load(resume_from / "training_state.pt", weights_only=True)
         saved = state["config"]
-        for k in ("prompts", "num_prompts", "seed", "prompts_per_step", "group_size", "epochs", "reward"):
-            if saved[k] != getattr(cfg, k):
-                raise ValueError(f"--resume: --{k.replace('_', '-')} was {saved[k]!r} in the checkpoint, "
+        for k in ("prompts", "num_prompts", "seed", "prompts_per_step", "group_size", "epochs", "reward",
+                  "eos_reward", "adv_eps", "system_prompt"):
+            was = saved.get(k, Config.__dataclass_fields__[k].default)  # older checkpoints: the default
+            if was != getattr(cfg, k):
+                raise ValueError(f"--resume: --{k.replace('_', '-')} was {was!r} in the checkpoint, "
                                  f"now {getattr(cfg, k)!r}")
     out.mkdir(parents=True, exist_ok=True)
     model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)

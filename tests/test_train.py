@@ -360,3 +360,33 @@ def test_system_prompt_reaches_the_rollout_and_config_json(built, prompts_file, 
     assert cfg["system_prompt"] == "Answer in one word."
     assert cfg["rendered_first_prompt"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n")
     assert cfg["stop_tokens"] == ["<|im_end|>"]
+
+
+def test_eos_reward_scores_the_end_of_stopped_responses_only(built):
+    from reward import Verifier, load_causal_lm
+
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu")
+    ids = [tok.encode(t, add_special_tokens=False) for t in ("Hello there", "Hi", "Yes sir", "No")]
+    ids = [r + [eos[0]] for r in ids[:3]] + [ids[3]]  # the last one was cut by the length limit
+    response = torch.full((4, 6), tok.pad_token_id)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    for b, r in enumerate(ids):
+        response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
+    prompts = ["Say hi", "Say hi", "Answer", "Answer"]
+    rollout = T.Rollout(prompts, [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+                        response, mask, torch.tensor([False, False, False, True]),
+                        [tok.decode(r, skip_special_tokens=True) for r in ids])
+    v = Verifier(vmodel, vtok)
+    _, paper, _, paper_rewards = T.score(rollout, T.Config(group_size=2), v, tok, model, torch.device("cpu"))
+    _, ours, _, rewards = T.score(rollout, T.Config(group_size=2, eos_reward=True), v, tok, model,
+                                  torch.device("cpu"))
+    for b, r in enumerate(ids):
+        n = len(r)
+        assert paper_rewards[b, n - 1] == 0 or b == 3
+        if b < 3:  # stopped: the EOS position holds log p(<end_of_turn> | ...) < 0, the rest unchanged
+            assert rewards[b, n - 1] < 0  # (one more token changes the batch's shape: fp32 rounding only)
+            torch.testing.assert_close(rewards[b, :n - 1], paper_rewards[b, :n - 1], rtol=1e-5, atol=1e-5)
+        else:      # truncated: nothing added
+            torch.testing.assert_close(rewards[b], paper_rewards[b], rtol=1e-5, atol=1e-5)
+            assert ours[b] == pytest.approx(paper[b], rel=1e-5)
