@@ -330,12 +330,31 @@ def test_stop_tokens_of_real_tokenizers(name, eos, turn):
     assert len(stop) == len(set(stop)) and vocab_bytes(tok).special[stop].all()  # control tokens: no text
 
 
-def test_reference_model_gives_zero_kl_before_the_first_update(built, prompts_file, tmp_path):
+def test_reference_model_gives_zero_kl_before_the_first_update(built, prompts_file, tmp_path, monkeypatch):
+    """KL = 0 at step 1, and the reference is loaded exactly like the policy: on a GPU the old default
+    (dtype None: bf16 there, against the policy's fp32 weights under bf16 autocast) made KL > 0 before
+    any update, which this CPU cannot show, so the loads are recorded (the real function still runs)."""
+    loads = []
+    real_load = T.load_causal_lm
+
+    def spy(name, dtype=None, **kw):
+        loads.append((str(name), dtype))
+        return real_load(name, dtype=dtype, **kw)
+    monkeypatch.setattr(T, "load_causal_lm", spy)
     cfg = T.Config(gen=str(built["qwen2"]), verifier=str(built["gemma3"]), prompts=str(prompts_file),
                    out=str(tmp_path / "run"), group_size=2, prompts_per_step=2, micro_batch=3, max_new_tokens=6,
                    beta=0.1, max_steps=2, lr=1e-2, warmup_steps=1, temperature=0.8, device="cpu", sample_every=0)
     history = T.train(cfg)
     assert history[0]["kl"] == 0.0 and history[1]["kl"] > 0  # the policy equals the reference until it moves
+    generator_loads = [dtype for name, dtype in loads if name == cfg.gen]
+    assert generator_loads == [torch.float32, torch.float32]  # policy, then reference: the same way
+
+
+def test_shared_positions_metric_counts_the_common_opening():
+    response = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [1, 2, 3, 0], [1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    rollout = T.Rollout(["a"] * 4, [[0]] * 4, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
+    assert T.shared_share(rollout, 2) == (2 * 2 + 2 * 3) / 14  # group 1 shares 2 tokens, group 2 shares 3
 
 
 def test_system_prompt_default_text_and_none():
