@@ -96,10 +96,13 @@ def read_jsonl(path: str | Path, partial_tail_ok: bool = False) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"file not found: {path}")
+        raise ValueError(f"file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # a binary file, a broken .gz
+        raise ValueError(f"{path}: cannot read it as UTF-8 JSON lines ({_one_line(e)[:80]})") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -108,6 +111,8 @@ def read_jsonl(path: str | Path, partial_tail_ok: bool = False) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             if partial_tail_ok and n == len(lines):
+                print(f"note: skipped the unfinished last line {n} of {path} (an interrupted write)",
+                      file=sys.stderr)
                 continue
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
@@ -118,6 +123,8 @@ def read_jsonl(path: str | Path, partial_tail_ok: bool = False) -> list[dict]:
 
 def open_for_append(path: Path):
     """Open a JSONL file to append records, first cutting off a line an interrupted write left unfinished."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; name a .jsonl file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         data = path.read_bytes()
@@ -143,9 +150,21 @@ def read_json_list(path: Path) -> list:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects")
     return rows
+
+
+def read_template(path: Path) -> str:
+    """A judge prompt template file, or one line naming it."""
+    if not path.is_file():
+        raise ValueError(f"template file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -296,6 +315,8 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
     if not todo:
         return 0
     model, tok, _, eos_ids = load_generator(model_name, device, trust_remote_code=trust_remote_code, dtype=None)
+    check_context(model, tok, [p["instruction"] for p in todo], [p["index"] for p in todo], max_new_tokens,
+                  system_prompt)
     written = 0
     with open_for_append(out) as f:
         for batch in greedy_generate(model, tok, [p["instruction"] for p in todo], max_new_tokens, eos_ids,
@@ -307,6 +328,26 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
                                  "max_new_tokens": max_new_tokens, "system_prompt": system_prompt})
                 written += 1
     return written
+
+
+def check_context(model, tokenizer, prompts: Sequence[str], indices: Sequence[int], max_new_tokens: int,
+                  system_prompt: str | None = None) -> None:
+    """Refuse, before any work, prompts that with --max-new-tokens do not fit the model's context (an
+    evaluation must not silently drop prompts: N would change)."""
+    from train import chat_prefix
+
+    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    context = getattr(text_cfg, "max_position_embeddings", None)
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens, prompt included")
+    encs = tokenizer.backend_tokenizer.encode_batch([chat_prefix(tokenizer, p, system_prompt) for p in prompts],
+                                                    add_special_tokens=False)
+    long = [i for i, e in zip(indices, encs) if len(e.ids) + max_new_tokens > context]
+    if long:
+        raise ValueError(f"{len(long)} prompts (index {', '.join(map(str, long[:5]))}{', ...' if len(long) > 5 else ''}) "
+                         f"do not fit the model's context of {context} tokens with --max-new-tokens {max_new_tokens}")
 
 
 # --- the judge's prompt and answer ---------------------------------------------------------------------
@@ -483,13 +524,13 @@ class JudgeSpec:
     def parse(cls, spec: str) -> "JudgeSpec":
         kind, sep, rest = spec.partition(":")
         if not sep or kind not in ("api", "hf") or not rest:
-            raise ValueError(f"judge spec {spec!r}: expected 'api:MODEL[?options]' or 'hf:MODEL[?options]'")
+            raise ValueError(f"judge spec {redact_spec(spec)!r}: expected 'api:MODEL[?options]' or 'hf:MODEL[?options]'")
         model, _, query = rest.partition("?")
         params, options = {}, {}
         try:
             pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
         except ValueError:
-            raise ValueError(f"judge spec {spec!r}: options must read key=value&key=value") from None
+            raise ValueError(f"judge spec {redact_spec(spec)!r}: options must read key=value&key=value") from None
         for k, v in pairs:
             value = v
             if k not in ("base", "key", "name"):  # those stay strings; others are JSON where they parse
@@ -504,15 +545,45 @@ class JudgeSpec:
             elif k in cls.HF_PARAMS:
                 params[k] = value
             else:
-                raise ValueError(f"judge spec {spec!r}: unknown option {k!r} for a local judge "
+                raise ValueError(f"judge spec {redact_spec(spec)!r}: unknown option {k!r} for a local judge "
                                  f"(known: {', '.join(cls.HF_OPTIONS + cls.HF_PARAMS)})")
         if kind == "hf":
             params.setdefault("max_new_tokens", 64)
+        key = options.get("key")
+        if key is not None and not _ENV_NAME.fullmatch(key):  # never echo it: it may be the secret itself
+            raise ValueError(f"judge spec {redact_spec(spec)!r}: key takes the NAME of the environment variable "
+                             "that holds the API key (key=OPENAI_API_KEY), not the key itself")
+        # (option, smallest value, integer?, strictly above the smallest?)
+        for name, low, integer, strict in (("timeout", 0, False, True), ("backoff", 0, False, False),
+                                           ("concurrency", 1, True, False), ("retries", 0, True, False),
+                                           ("batch_size", 1, True, False), ("max_new_tokens", 1, True, False)):
+            value = {**options, **params}.get(name)
+            if value is None:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number and (value == int(value) or not integer) and (value > low if strict else value >= low)):
+                need = f"{'an integer' if integer else 'a number'} {'above' if strict else 'of at least'} {low}"
+                raise ValueError(f"judge spec {redact_spec(spec)!r}: option {name} must be {need}, not {value!r}")
         return cls(kind, model, str(options.get("name") or model), params, options)
 
     @property
     def identity(self) -> str:
         return json.dumps([self.name, self.params], sort_keys=True)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET = re.compile(r"(?i)\b(?:sk|pk|rk|key|api|token|bearer)[-_][A-Za-z0-9_\-]{8,}|[A-Za-z0-9_\-]{32,}")
+
+
+def redact_spec(spec: str) -> str:
+    """A judge spec fit to print: the value of `key` unless it is an environment variable's name, and
+    anything else that looks like a secret (sk-..., long random strings), replaced by ***."""
+    model, sep, query = spec.partition("?")
+    parts = []
+    for part in query.split("&") if sep else []:
+        k, eq, v = part.partition("=")
+        parts.append(f"{k}=***" if eq and k == "key" and not _ENV_NAME.fullmatch(v) else part)
+    return _SECRET.sub("***", model + sep + "&".join(parts))
 
 
 class APIJudge:
@@ -754,6 +825,29 @@ def from_alpaca_eval(row: dict) -> dict:
             "judge": row["ae_annotator"], "replicate": 0, "seed": None, "swapped": None, "verdict": verdict,
             "justification": "", "raw": None if p is None else str(p), "instruction": row["instruction"],
             "len_candidate": len(row["output_candidate"]), "len_opponent": len(row["output_opponent"])}
+
+
+def run_convert(annotations: Sequence[Path], out: Path) -> int:
+    """Convert AlpacaEval annotation files into judgments appended to `out`, as `judge` appends: records
+    whose key `out` already holds are skipped, nothing there is overwritten, and `out` may not be one of
+    the inputs. Returns the count written."""
+    if any(a.resolve() == out.resolve() for a in annotations):
+        raise ValueError(f"--out {out} is one of the input files; name another file")
+    records = []
+    for path in annotations:  # read and check everything before writing anything
+        for n, row in enumerate(read_jsonl(path), 1):
+            try:
+                records.append(from_alpaca_eval(row))
+            except KeyError as e:
+                raise ValueError(f"{path}: record {n} has no {e.args[0]!r} field (not an AlpacaEval "
+                                 "annotation)") from None
+    done = {r.get("key") for r in read_jsonl(out, partial_tail_ok=True)} if out.exists() else set()
+    new = [r for r in records if r["key"] not in done]
+    with open_for_append(out) as f:
+        for r in new:
+            write_record(f, r)
+    print(f"appended {len(new)} judgments to {out} ({len(records) - len(new)} already there)", file=sys.stderr)
+    return len(new)
 
 
 # --- report: statistics --------------------------------------------------------------------------------
@@ -1144,24 +1238,37 @@ def run_cme(outputs: Sequence[Path], verifier_name: str, heatmap: Sequence[int] 
 
 # --- main ----------------------------------------------------------------------------------------------
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows each flag's default, unless it has none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        none = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if action.option_strings and not none and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = {"formatter_class": _DefaultsHelp}  # every flag's help shows its default
 
-    g = sub.add_parser("generate", help="greedy outputs of one model on the AlpacaEval prompts, as JSONL")
+    g = sub.add_parser("generate", help="greedy outputs of one model on the AlpacaEval prompts, as JSONL", **fmt)
     g.add_argument("--model", required=True, help="hub id or local folder (e.g. a train.py checkpoint)")
     g.add_argument("--out", required=True, type=Path, help="outputs .jsonl; a rerun skips indices already there")
     g.add_argument("--prompts", default="alpaca_eval", help="'alpaca_eval' (from the hub) or a local .jsonl/.json")
-    g.add_argument("--max-new-tokens", type=int, default=2048)
+    g.add_argument("--max-new-tokens", type=int, default=2048, help="response length limit, in tokens")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
     g.add_argument("--name", help="the generator's name in the records (default: --model as given)")
-    g.add_argument("--limit", type=int, help="only the first N prompts")
+    g.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model repo to run its own code")
     g.add_argument("--system-prompt", help="system prompt for the chat template: text, or \"\" for none "
                    "(default: the template's own, e.g. Qwen2.5's 'You are Qwen...'); as train.py's")
 
-    j = sub.add_parser("judge", help="pairwise judgments of a candidate outputs file against an opponent's")
+    j = sub.add_parser("judge", help="pairwise judgments of a candidate outputs file against an opponent's", **fmt)
     j.add_argument("candidate", type=Path, help="the candidate's outputs file")
     j.add_argument("opponent", type=Path, help="the opponent's outputs file")
     j.add_argument("--judge", action="append", required=True,
@@ -1169,44 +1276,62 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", required=True, type=Path, help="judgments .jsonl, appended to; a rerun asks nothing twice")
     j.add_argument("--replicates", type=int, default=5, help="judgments per prompt and judge (the paper: 5)")
     j.add_argument("--seed", type=int, default=0, help="sets the A/B order of each (prompt, replicate)")
-    j.add_argument("--template", type=Path, help="a judge prompt file with {instruction}, {response_a}, {response_b}")
+    j.add_argument("--template", type=Path, help="a judge prompt file with {instruction}, {response_a}, {response_b} "
+                   "(default: the built-in JUDGE_TEMPLATE)")
     j.add_argument("--verdict-tries", type=int, default=3, help="asks per judgment while the answer has no verdict")
-    j.add_argument("--limit", type=int, help="only the first N common indices")
-    j.add_argument("--device", help="device of a local judge")
+    j.add_argument("--limit", type=int, help="only the first N common indices (default: all)")
+    j.add_argument("--device", help="device of a local judge (default: cuda when available)")
 
-    r = sub.add_parser("report", help="win rates, intervals, agreement, position bias and length from judgments")
+    r = sub.add_parser("report", help="win rates, intervals, agreement, position bias and length from judgments", **fmt)
     r.add_argument("judgments", nargs="+", help="judgment .jsonl files or folders of them")
-    r.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    r.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text", help="output format")
     r.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.add_argument("--table1", action="append", default=[],
                    help="a Table-1 row: 'label=L,cme=NAME,base=NAME,instruct=NAME,ref=NAME[,start=base|instruct]'")
 
-    c = sub.add_parser("cme", help="mean sequence CME (Eq. 3) of outputs files under a verifier; heatmaps")
+    c = sub.add_parser("cme", help="mean sequence CME (Eq. 3) of outputs files under a verifier; heatmaps", **fmt)
     c.add_argument("outputs", nargs="+", type=Path, help="outputs files")
     c.add_argument("--verifier", default="google/gemma-3-1b-it", help="hub id or local folder")
     c.add_argument("--heatmap", type=int, action="append", default=[], help="index of a prompt to draw, repeatable")
-    c.add_argument("--heatmap-dir", type=Path, default=Path("heatmaps"))
-    c.add_argument("--heatmap-format", choices=["html", "png"], default="html")
-    c.add_argument("--limit", type=int, help="only the first N outputs of each file")
-    c.add_argument("--device")
+    c.add_argument("--heatmap-dir", type=Path, default=Path("heatmaps"), help="folder for the heatmaps")
+    c.add_argument("--heatmap-format", choices=["html", "png"], default="html", help="heatmap file format")
+    c.add_argument("--limit", type=int, help="only the first N outputs of each file (default: all)")
+    c.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
-    v = sub.add_parser("convert", help="AlpacaEval per-prompt annotations -> judgment records")
+    v = sub.add_parser("convert", help="AlpacaEval per-prompt annotations -> judgment records", **fmt)
     v.add_argument("annotations", nargs="+", type=Path,
                    help=".jsonl(.gz) of {index, instruction, candidate, opponent, output_candidate, "
                         "output_opponent, ae_annotator, ae_p_candidate_preferred}")
-    v.add_argument("--out", required=True, type=Path)
+    v.add_argument("--out", required=True, type=Path, help="judgments .jsonl, appended to (keys already there "
+                   "are skipped); never one of the inputs")
     return p
+
+
+# flags that count something, and their smallest sensible value, per subcommand
+_AT_LEAST = {"generate": {"max_new_tokens": 1, "batch_size": 1, "limit": 1},
+             "judge": {"replicates": 1, "verdict_tries": 1, "limit": 1},
+             "report": {"bootstrap": 1},
+             "cme": {"limit": 1}}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for name, low in _AT_LEAST.get(args.command, {}).items():
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+        if getattr(args, "device", None) is not None:
+            from reward import check_device
+            check_device(args.device)
+        if getattr(args, "out", None) is not None and args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a folder; name a .jsonl file")
         if args.command == "generate":
             run_generate(args.model, args.out, args.prompts, args.max_new_tokens, args.batch_size, args.name,
                          args.limit, args.device, args.trust_remote_code, args.system_prompt)
         elif args.command == "judge":
-            template = args.template.read_text(encoding="utf-8") if args.template else JUDGE_TEMPLATE
+            template = read_template(args.template) if args.template else JUDGE_TEMPLATE
             run_judge(args.candidate, args.opponent, args.judge, args.out, args.replicates, args.seed, template,
                       args.verdict_tries, args.limit, args.device)
         elif args.command == "report":
@@ -1221,14 +1346,7 @@ def main(argv=None) -> int:
                 print(f"{row['generator']:<40} {row['cme_mean']:7.3f} ± {row['cme_se']:.3f} (SE)  N = {row['n']}"
                       + (f", {row['empty']} empty outputs left out" if row["empty"] else ""))
         elif args.command == "convert":
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as f:
-                n = 0
-                for path in args.annotations:
-                    for row in read_jsonl(path):
-                        write_record(f, from_alpaca_eval(row))
-                        n += 1
-            print(f"wrote {n} judgments to {args.out}", file=sys.stderr)
+            run_convert(args.annotations, args.out)
     except KeyboardInterrupt:
         print("interrupted: everything completed so far is saved; rerun the same command to continue",
               file=sys.stderr)

@@ -62,7 +62,7 @@ from align import (align_logprobs, decode_response, encoding_byte_spans, text_to
 from grpo import token_logprobs
 
 __all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "turn_end", "VerifierInput", "encode_pairs", "encode_pair", "same_tokenizer",
-           "load_causal_lm", "Verifier"]
+           "check_device", "load_causal_lm", "Verifier"]
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
 """Prompt format for a tokenizer with no chat template (base models), after its BOS token if any."""
@@ -178,6 +178,17 @@ def same_tokenizer(a, b) -> bool:
     return all(ja.get(k) == jb.get(k) for k in keys)
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The torch device named (None: cuda when available, else cpu), or one line saying why not."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+    return dev
+
+
 def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                    init: str = "pretrained", seed: int = 0, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a hub id or a local folder.
@@ -188,7 +199,7 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | to
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -203,6 +214,10 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | to
     except OSError as e:
         raise ValueError(f"cannot load model {name!r}: not a local folder with a model, and not "
                          f"reachable on the Hugging Face hub ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # a folder that is not a model (no model_type, a tokenizer only, ...)
+        if str(e).startswith("init must be"):
+            raise
+        raise ValueError(f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else 'not a model'}") from None
     return model.to(device), tokenizer
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align import decode_response, token_bytes
+from align import decode_response, token_bytes, vocab_bytes
 from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
-from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm, turn_end
+from reward import PLAIN_TEMPLATE, Verifier, check_device, load_causal_lm, turn_end
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
 
@@ -50,6 +50,8 @@ from reward import PLAIN_TEMPLATE, Verifier, load_causal_lm, turn_end
 # --- config ------------------------------------------------------------------------------------------
 
 def _f(default, help: str, **kw):
+    """A Config field: its default, its help text, and optionally `choices` or a range rule `check`
+    (">0", ">=1", "(0,1)", "(0,1]") that check_config enforces."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -67,38 +69,38 @@ class Config:
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
                           "token (the paper gives EOS none: it has no text); truncated responses get none")
     adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
-                        "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)")
+                        "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)", check=">=0")
     system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
                                    "none (default: the template's own, e.g. Qwen2.5's 'You are Qwen...')")
     prompts: str = _f("openbmb/UltraFeedback", "hub dataset id or dataset folder, or a local .jsonl / .json / "
                       ".txt file")
     prompt_field: str = _f("instruction", "field holding the prompt in dataset rows and JSON objects")
     split: str = _f("train", "dataset split (hub datasets only)")
-    num_prompts: int = _f(5000, "seeded subset of the deduplicated prompts")
-    seed: int = _f(0, "seed for the prompt subset and order, sampling and the random verifier")
-    group_size: int = _f(8, "G: responses sampled per prompt")
-    prompts_per_step: int = _f(16, "prompts per optimizer step (x G responses, accumulated)")
-    micro_batch: int = _f(4, "responses per forward/backward micro-batch")
-    gen_batch: int = _f(128, "responses generated per generate() call")
-    temperature: float = _f(1.0, "sampling temperature")
-    top_p: float = _f(1.0, "nucleus sampling p")
-    max_new_tokens: int = _f(2048, "maximum response length in generator tokens")
-    lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0 over the epoch")
-    grad_clip: float = _f(1.0, "gradient-norm clip")
-    clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2")
-    beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model")
-    epochs: int = _f(1, "passes over the prompts")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs")
+    num_prompts: int = _f(5000, "seeded subset of the deduplicated prompts", check=">=1")
+    seed: int = _f(0, "seed for the prompt subset and order, sampling and the random verifier", check=">=0")
+    group_size: int = _f(8, "G: responses sampled per prompt", check=">=2")
+    prompts_per_step: int = _f(16, "prompts per optimizer step (x G responses, accumulated)", check=">=1")
+    micro_batch: int = _f(4, "responses per forward/backward micro-batch", check=">=1")
+    gen_batch: int = _f(128, "responses generated per generate() call", check=">=1")
+    temperature: float = _f(1.0, "sampling temperature", check=">0")
+    top_p: float = _f(1.0, "nucleus sampling p", check="(0,1]")
+    max_new_tokens: int = _f(2048, "maximum response length in generator tokens", check=">=1")
+    lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)", check=">0")
+    weight_decay: float = _f(0.0, "AdamW weight decay", check=">=0")
+    warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0 over the epoch", check=">=0")
+    grad_clip: float = _f(1.0, "gradient-norm clip", check=">0")
+    clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2", check="(0,1)")
+    beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model", check=">=0")
+    epochs: int = _f(1, "passes over the prompts", check=">=1")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs", check=">=0")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, more compute")
-    verifier_token_budget: int = _f(16384, "padded tokens per verifier micro-batch")
-    logprob_chunk: int = _f(1024, "positions per output-layer chunk (float32 logits of this many exist)")
+    verifier_token_budget: int = _f(16384, "padded tokens per verifier micro-batch", check=">=1")
+    logprob_chunk: int = _f(1024, "positions per output-layer chunk (float32 logits of this many exist)", check=">=1")
     out: str = _f("runs/cme-grpo", "output folder: metrics, samples, checkpoints, curves")
-    save_every: int = _f(50, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _f(2, "intermediate checkpoints kept on disk")
-    sample_every: int = _f(10, "log samples with per-token verifier surprise every N steps")
-    num_samples: int = _f(2, "samples logged each time")
+    save_every: int = _f(50, "checkpoint every N steps (and at the end)", check=">=1")
+    keep_checkpoints: int = _f(2, "intermediate checkpoints kept on disk", check=">=0")
+    sample_every: int = _f(10, "log samples with per-token verifier surprise every N steps", check=">=0")
+    num_samples: int = _f(2, "samples logged each time", check=">=0")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code")
     device: str = _f("auto", "auto | cpu | cuda")
@@ -116,20 +118,41 @@ def parse_config(argv=None) -> Config:
         else:
             kind = {"int": int, "float": float, "str": str, "str | None": str}[
                 f.type if isinstance(f.type, str) else f.type.__name__]
+            rule = f"; {meta['check']}" if "check" in meta else ""
+            default = "" if "default:" in meta["help"] else f" (default: {f.default}{rule})"
             ap.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"),
-                            help=f"{meta['help']} (default: {f.default})")
+                            help=meta["help"] + default)
     return Config(**vars(ap.parse_args(argv)))
 
 
+def _allowed(value: float, rule: str) -> bool:
+    """Whether value satisfies a range rule of a Config field: ">0", ">=1", "(0,1)", "(0,1]"."""
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    lo, hi = map(float, rule[1:-1].split(","))
+    return (lo < value if rule[0] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
+
+
 def check_config(cfg: Config) -> None:
-    """Reject inconsistent settings with one clear line each."""
-    if cfg.group_size < 2:
-        raise ValueError(f"--group-size {cfg.group_size}: GRPO needs at least 2 responses per prompt")
-    for name in ("prompts_per_step", "micro_batch", "gen_batch", "max_new_tokens", "num_prompts", "epochs"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    if not 0 < cfg.clip_eps < 1 or cfg.beta < 0 or not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
-        raise ValueError("need 0 < --clip-eps < 1, --beta >= 0, 0 < --top-p <= 1 and --temperature > 0")
+    """Reject bad settings before any work, with one line naming the flag: every number against the
+    range its field declares (NaN and infinity included: --grad-clip nan would write NaN weights,
+    --grad-clip -1 trains backwards), and the device."""
+    for f in fields(Config):
+        rule, value, flag = f.metadata.get("check"), getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if rule is None:
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be a finite number")
+        if not _allowed(value, rule):
+            if f.name == "group_size":
+                raise ValueError(f"{flag} {value}: GRPO needs at least 2 responses per prompt")
+            raise ValueError(f"{flag} {value}: must be {rule.replace('>=', 'at least ').replace('>', 'above ')}"
+                             if rule[0] == ">" else f"{flag} {value}: must lie in {rule.replace(',', ', ')}")
+    _device(cfg)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; name a folder for the run")
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -142,11 +165,17 @@ def _read_prompt_file(path: Path, key: str) -> list[str]:
             return obj[key]
         raise ValueError(f"{where}: expected a string or an object with a string {key!r} field")
 
+    if path.suffix not in (".txt", ".jsonl", ".json"):
+        raise ValueError(f"{path}: prompt files must end in .jsonl, .json or .txt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
     if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8").splitlines()
+        return text.splitlines()
     if path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     out.append(pick(json.loads(line), f"{path}:{n}"))
@@ -155,13 +184,12 @@ def _read_prompt_file(path: Path, key: str) -> list[str]:
         return out
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of prompts")
-        return [pick(x, f"{path}: item {i}") for i, x in enumerate(data)]
-    raise ValueError(f"{path}: prompt files must end in .jsonl, .json or .txt")
+    return [pick(x, f"{path}: item {i}") for i, x in enumerate(data)]
 
 
 def load_prompts(cfg: Config) -> list[str]:
@@ -186,6 +214,29 @@ def load_prompts(cfg: Config) -> list[str]:
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {cfg.prompts_per_step}")
     return prompts
+
+
+def fit_context(prompts: list[str], tokenizer, model, cfg: Config) -> list[str]:
+    """Drop prompts whose rendered length plus --max-new-tokens exceeds the generator's context (a
+    500 KB prompt would otherwise ask for tens of GB), saying how many; refuse a --max-new-tokens that
+    leaves no room for any prompt. Runs before the verifier loads."""
+    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    context = getattr(text_cfg, "max_position_embeddings", None)
+    if context is None:
+        return prompts
+    if cfg.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the generator's context is {context} tokens, "
+                         "prompt included")
+    rendered = [chat_prefix(tokenizer, p, cfg.system_prompt) for p in prompts]
+    lengths = [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(rendered, add_special_tokens=False)]
+    kept = [p for p, n in zip(prompts, lengths) if n + cfg.max_new_tokens <= context]
+    if len(kept) < len(prompts):
+        print(f"skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than the generator's context "
+              f"({context} tokens) minus --max-new-tokens {cfg.max_new_tokens}", file=sys.stderr, flush=True)
+    if len(kept) < cfg.prompts_per_step:
+        raise ValueError(f"{len(kept)} prompts fit the generator's context ({context} tokens with --max-new-tokens "
+                         f"{cfg.max_new_tokens}); one step needs --prompts-per-step {cfg.prompts_per_step}")
+    return kept
 
 
 # --- rollouts ----------------------------------------------------------------------------------------
@@ -443,19 +494,29 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, optimizer, scheduler,
-                    step: int, cfg: Config) -> Path:
-    """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint."""
+                    step: int, cfg: Config, prompts_digest: str | None = None) -> Path:
+    """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint.
+
+    A failed write (a full disk) removes the temporary folder and raises OSError in one line; the
+    checkpoints already on disk are untouched. prompts_digest: `prompts_sha` of the run's prompts.
+    """
     final, tmp = out / name, out / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model_gen_config = model.generation_config
     model.generation_config = generation_config  # ship the checkpoint's own sampling defaults
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "step": step, "config": asdict(cfg), "prompts_sha256": prompts_digest},
+                   tmp / "training_state.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out)
+        raise OSError(f"cannot write {final}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                      + (f"{previous} is intact" if previous else "no earlier checkpoint exists")) from None
     finally:
         model.generation_config = model_gen_config
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                "step": step, "config": asdict(cfg)}, tmp / "training_state.pt")
     old = out / f".old-{name}"
     if final.exists():
         final.rename(old)
@@ -474,6 +535,75 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def intact_checkpoint(out: Path) -> tuple[Path, dict]:
+    """The newest checkpoint in `out` that loads, and its training state. A broken one (a truncated or
+    empty training_state.pt, missing weights) is named on stderr and the one before it is tried."""
+    found = _checkpoints(out)
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {out}")
+    broken = []
+    for _, path in reversed(found):
+        try:
+            if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
+                raise ValueError("no model weights")
+            state = torch.load(path / "training_state.pt", weights_only=True)
+            if not {"optimizer", "scheduler", "rng", "step", "config"} <= state.keys():
+                raise ValueError("training_state.pt lacks fields")
+        except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
+            broken.append(path.name)
+            continue
+        return path, state
+    raise ValueError(f"--resume: no intact checkpoint in {out} (broken: {', '.join(broken)})")
+
+
+# Settings a resumed run may change: where and how fast it runs, what it records, how far it goes. Any
+# other difference from the checkpoint's config would silently change what the run computes.
+RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
+                     "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
+                     "gradient_checkpointing", "trust_remote_code", "demo"}
+
+
+def check_resume(cfg: Config, state: dict, prompts: list[str]) -> None:
+    """Refuse, naming it, any setting that differs from the checkpoint's and changes what is computed
+    (model, verifier, reward, data, optimizer, schedule), and prompts whose content changed."""
+    saved = state["config"]
+    for f in fields(Config):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        was = saved.get(f.name, f.default)  # older checkpoints: the default
+        if was != getattr(cfg, f.name):
+            raise ValueError(f"--resume: --{f.name.replace('_', '-')} was {was!r} in the checkpoint, now "
+                             f"{getattr(cfg, f.name)!r}; resume with the same value, or start a new --out")
+    sha = state.get("prompts_sha256")
+    if sha is not None and sha != prompts_sha(prompts):
+        raise ValueError(f"--resume: the prompts from {cfg.prompts} are not the ones the checkpoint trained on "
+                         "(the file or dataset changed); restore them, or start a new --out")
+
+
+def prompts_sha(prompts: list[str]) -> str:
+    """Fingerprint of the run's prompts, in training order."""
+    import hashlib
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the records of steps <= step (a resume after a kill would otherwise repeat steps)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut off by the kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
 def prune_checkpoints(out: Path, keep: int) -> None:
     found = _checkpoints(out)
     for _, p in found[:-keep] if keep > 0 else found:
@@ -485,7 +615,7 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 def _device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return check_device(cfg.device)
 
 
 def shared_share(rollout: Rollout, group_size: int) -> float:
@@ -572,26 +702,20 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     out = Path(cfg.out)
     device = _device(cfg)
     prompts = load_prompts(cfg)
+    resume_from, state = intact_checkpoint(out) if cfg.resume else (None, None)
+    if state is not None:
+        check_resume(cfg, state, prompts)
+    digest = prompts_sha(prompts)
+
+    model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
+    vocab_bytes(gen_tok)  # an unsupported tokenizer (WordPiece) fails here, before any rollout
+    prompts = fit_context(prompts, gen_tok, model, cfg)
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
     total_steps = steps_per_epoch * cfg.epochs
-
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no checkpoint in {out}")
-    if resume_from is not None:
-        state = torch.load(resume_from / "training_state.pt", weights_only=True)
-        saved = state["config"]
-        for k in ("prompts", "num_prompts", "seed", "prompts_per_step", "group_size", "epochs", "reward",
-                  "eos_reward", "adv_eps", "system_prompt"):
-            was = saved.get(k, Config.__dataclass_fields__[k].default)  # older checkpoints: the default
-            if was != getattr(cfg, k):
-                raise ValueError(f"--resume: --{k.replace('_', '-')} was {was!r} in the checkpoint, "
-                                 f"now {getattr(cfg, k)!r}")
     out.mkdir(parents=True, exist_ok=True)
-    model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
     # what the generator sees, so a reader can check it: the first prompt rendered, and the stop tokens
     seen = {"rendered_first_prompt": chat_prefix(gen_tok, prompts[0], cfg.system_prompt),
-            "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids)}
+            "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids), "prompts_sha256": digest}
     print(json.dumps({"config": asdict(cfg), **seen}, indent=1, ensure_ascii=False), flush=True)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
 
@@ -606,6 +730,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     if cfg.reward != "rent":
         vmodel, vtok = load_causal_lm(cfg.verifier, device=device, init=cfg.verifier_init, seed=cfg.seed,
                                       trust_remote_code=cfg.trust_remote_code)  # bf16 on GPU, frozen
+        vocab_bytes(vtok)  # likewise for the verifier's tokenizer
         verifier = Verifier(vmodel, vtok, cfg.verifier_token_budget, cfg.logprob_chunk, cfg.mask_whitespace)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -616,6 +741,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = state["step"]
+        for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
+            truncate_log(out / f, start)
         print(f"resumed from {resume_from} after step {start}", flush=True)
     else:
         random.seed(cfg.seed)
@@ -627,7 +754,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     history = []
     bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True)
-    # The first Ctrl-C asks to stop at the end of the current step (checkpoint, exit 130); a second aborts.
+    # The first Ctrl-C or SIGTERM asks to stop at the end of the current step (checkpoint, exit 130); a
+    # second aborts.
     stop_requested = []
 
     def on_sigint(signum, frame):
@@ -636,7 +764,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         stop_requested.append(True)
         tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
     main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    # SIGTERM (what schedulers such as SLURM send before killing a job) takes the same path as Ctrl-C
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         for step in range(start, stop):
             t0 = time.perf_counter()
@@ -684,19 +813,21 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 and step + 1 < stop:
                 save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer, scheduler,
-                                step + 1, cfg)
+                                step + 1, cfg, digest)
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if stop_requested:
                 path = save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer,
-                                       scheduler, step + 1, cfg)
+                                       scheduler, step + 1, cfg, digest)
                 bar.close()
                 print(f"interrupted: saved {path}; continue with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
+        bar.close()  # before any error message, which must be the last line
         if main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-    bar.close()
-    path = save_checkpoint(out, f"checkpoint-{stop}", model, gen_tok, shipped, optimizer, scheduler, stop, cfg)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    path = save_checkpoint(out, f"checkpoint-{stop}", model, gen_tok, shipped, optimizer, scheduler, stop, cfg,
+                           digest)
     prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
     if (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")

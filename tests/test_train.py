@@ -201,7 +201,8 @@ def test_demo_learns_and_beats_the_random_verifier(tmp_path):
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
 
 
-def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and what a scheduler sends before a kill
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, tmp_path, sig):
     import signal
     import time
 
@@ -213,7 +214,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, 
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     done = metrics.read_text().count("\n")
