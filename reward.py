@@ -124,12 +124,14 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     end_id = _end_id(tokenizer) if ended is not None and any(ended) else None
     backend = tokenizer.backend_tokenizer
     added = vocab_bytes(tokenizer).added
-    prefixes = [prompt_prefix(tokenizer, p) for p in prompts]
-    heads, cuts = [], []
-    for enc in backend.encode_batch(prefixes, add_special_tokens=False):
+    prefix_of = _prefixes(tokenizer, prompts)  # rendered and encoded once per distinct prompt, not G times
+    unique = list(prefix_of.values())
+    split = {}
+    for prefix, enc in zip(unique, backend.encode_batch(unique, add_special_tokens=False)):
         last = max((k for k, i in enumerate(enc.ids) if added[i]), default=-1)
-        heads.append(enc.ids[:last + 1])  # up to the prefix's last added token, specials matched
-        cuts.append(enc.offsets[last][1] if last >= 0 else 0)
+        split[prefix] = (enc.ids[:last + 1], enc.offsets[last][1] if last >= 0 else 0)  # up to the last added token
+    prefixes = [prefix_of[p] for p in prompts]
+    heads, cuts = zip(*(split[p] for p in prefixes)) if prefixes else ((), ())
     tails = [p[c:] + r for p, c, r in zip(prefixes, cuts, responses)]
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True  # set and restored by hand (ALIGNMENT-NOTES item 7)
@@ -153,6 +155,11 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
             ids.append(end_id)
         out.append(VerifierInput(ids, index, tiled, end))
     return out
+
+
+def _prefixes(tokenizer, prompts: Sequence[str]) -> dict:
+    """{prompt: prompt_prefix(tokenizer, prompt)}, each distinct prompt rendered once."""
+    return {p: prompt_prefix(tokenizer, p) for p in dict.fromkeys(prompts)}
 
 
 def _end_id(tokenizer) -> int:
@@ -334,8 +341,10 @@ class Verifier:
         seqs, positions, plans, ends = [], [], [], []
         gen_ids = [np.asarray(ids, dtype=np.int64) for ids in gen_ids]
         if identity:  # the verifier reads the generator's own tokens after its prefix
-            heads = self.tokenizer.backend_tokenizer.encode_batch(
-                [prompt_prefix(self.tokenizer, p) for p in prompts], add_special_tokens=False)
+            prefix_of = _prefixes(self.tokenizer, prompts)
+            encoded = dict(zip(prefix_of, self.tokenizer.backend_tokenizer.encode_batch(
+                list(prefix_of.values()), add_special_tokens=False)))
+            heads = [encoded[p] for p in prompts]
             end_id = _end_id(self.tokenizer) if any(ended) else None
         else:
             texts = [decode_response(token_bytes(gen_tokenizer, ids)) for ids in gen_ids]

@@ -85,6 +85,9 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature", check=">0")
     top_p: float = _f(1.0, "nucleus sampling p", check="(0,1]")
     max_new_tokens: int = _f(2048, "maximum response length in generator tokens", check=">=1")
+    max_prompt_tokens: int = _f(0, "skip prompts longer than this many generator tokens, chat template included, "
+                                "with a count in the log (0: only the context limit; the authors' code uses 512)",
+                                check=">=0")
     lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)", check=">0")
     weight_decay: float = _f(0.0, "AdamW weight decay", check=">=0")
     warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0 over the epoch", check=">=0")
@@ -218,21 +221,25 @@ def load_prompts(cfg: Config) -> list[str]:
 
 def fit_context(prompts: list[str], tokenizer, model, cfg: Config) -> list[str]:
     """Drop prompts whose rendered length plus --max-new-tokens exceeds the generator's context (a
-    500 KB prompt would otherwise ask for tens of GB), saying how many; refuse a --max-new-tokens that
-    leaves no room for any prompt. Runs before the verifier loads."""
+    500 KB prompt would otherwise ask for tens of GB), or which are longer than --max-prompt-tokens,
+    saying how many; refuse a --max-new-tokens that leaves no room for any prompt. Runs before the
+    verifier loads."""
     text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    context = getattr(text_cfg, "max_position_embeddings", None)
-    if context is None:
-        return prompts
+    context = getattr(text_cfg, "max_position_embeddings", None) or 10 ** 9
     if cfg.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the generator's context is {context} tokens, "
                          "prompt included")
     rendered = [chat_prefix(tokenizer, p, cfg.system_prompt) for p in prompts]
     lengths = [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(rendered, add_special_tokens=False)]
-    kept = [p for p, n in zip(prompts, lengths) if n + cfg.max_new_tokens <= context]
+    limit = context - cfg.max_new_tokens
+    if cfg.max_prompt_tokens:
+        limit = min(limit, cfg.max_prompt_tokens)
+    kept = [p for p, n in zip(prompts, lengths) if n <= limit]
     if len(kept) < len(prompts):
-        print(f"skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than the generator's context "
-              f"({context} tokens) minus --max-new-tokens {cfg.max_new_tokens}", file=sys.stderr, flush=True)
+        print(f"skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than {limit} tokens (the "
+              f"generator's context of {context} tokens minus --max-new-tokens {cfg.max_new_tokens}"
+              + (f", or --max-prompt-tokens {cfg.max_prompt_tokens})" if cfg.max_prompt_tokens else ")"),
+              file=sys.stderr, flush=True)
     if len(kept) < cfg.prompts_per_step:
         raise ValueError(f"{len(kept)} prompts fit the generator's context ({context} tokens with --max-new-tokens "
                          f"{cfg.max_new_tokens}); one step needs --prompts-per-step {cfg.prompts_per_step}")
@@ -355,15 +362,26 @@ def _autocast(device):
 
 # --- rewards -----------------------------------------------------------------------------------------
 
-def policy_logprobs(model, rollout: Rollout, rows: slice, cfg: Config, device, with_entropy: bool = False):
+def micro_batches(rollout: Rollout, size: int) -> list[list[int]]:
+    """Rollout rows in micro-batches of `size`, longest (prompt + response) first: rows of similar length
+    share a batch, so little of it is padding. The loss is a per-sequence mean over the whole step
+    (Eq. 2, num_sequences fixed before the loop), so the order changes no number but float rounding."""
+    lengths = torch.tensor([len(p) for p in rollout.prompt_ids]) + rollout.mask.sum(1)
+    order = sorted(range(len(lengths)), key=lambda b: -int(lengths[b]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def policy_logprobs(model, rollout: Rollout, rows, cfg: Config, device, with_entropy: bool = False):
     """log pi(y_t | x, y_<t) on the response tokens of rollout rows: (b, T) float32 (and entropy).
+
+    rows: the rollout rows to score (a list of b indices, or a slice).
 
     The logits are divided by the sampling temperature (as TRL and verl do), so the update is the
     gradient of the policy that sampled the rollout, and RENT's entropies are that policy's.
     """
-    ids = [rollout.prompt_ids[b] + rollout.response[b, :int(rollout.mask[b].sum())].tolist()
-           for b in range(rows.start, rows.stop)]
-    P = torch.tensor([len(rollout.prompt_ids[b]) for b in range(rows.start, rows.stop)])
+    rows = list(range(len(rollout.prompts)))[rows] if isinstance(rows, slice) else list(rows)
+    ids = [rollout.prompt_ids[b] + rollout.response[b, :int(rollout.mask[b].sum())].tolist() for b in rows]
+    P = torch.tensor([len(rollout.prompt_ids[b]) for b in rows])
     L = max(len(x) for x in ids)
     x = torch.zeros(len(ids), L, dtype=torch.long)
     attn = torch.zeros(len(ids), L, dtype=torch.long)
@@ -407,14 +425,12 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
         cme = verifier.sequence_cme(rollout.prompts, rollout.texts, ended=ended)       # Eq. 3
         r = torch.from_numpy(-cme)
         return sequence_advantages(r, cfg.group_size, cfg.adv_eps), -cme, cme, None
-    entropies = []
+    r = torch.zeros(B, dtype=torch.float64)
     with torch.no_grad():
-        for i in range(0, B, cfg.micro_batch):
-            rows = slice(i, min(i + cfg.micro_batch, B))
+        for rows in micro_batches(rollout, cfg.micro_batch):
             _, ent = policy_logprobs(model, rollout, rows, cfg, device, with_entropy=True)
             m = rollout.mask[rows].to(device)
-            entropies.append((ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu())
-    r = -torch.cat(entropies)                                                           # RENT
+            r[rows] = -(ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu()               # RENT
     return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), None, None
 
 
@@ -432,8 +448,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
     optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     tokens = 0.0
-    for i in range(0, B, cfg.micro_batch):
-        rows = slice(i, min(i + cfg.micro_batch, B))
+    for rows in micro_batches(rollout, cfg.micro_batch):  # longest first: little padding
         logp = policy_logprobs(model, rollout, rows, cfg, device)                 # (b, T) with grad
         ref_logp = None
         if ref_model is not None:

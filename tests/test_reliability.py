@@ -198,7 +198,15 @@ def test_a_huge_prompt_is_skipped_before_any_work(built, tmp_path):
     r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipped 1 of 4 prompts longer than the generator's context (2048 tokens)" in r.stderr
+    assert "skipped 1 of 4 prompts longer than 2044 tokens (the generator's context of 2048 tokens" in r.stderr
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(built["qwen2"])
+    lengths = [len(tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids) for p in rows]
+    cap = min(lengths)  # --max-prompt-tokens: only the shortest prompt(s) fit
+    r = subprocess.run([sys.executable, "train.py", *map(str, args), "--max-prompt-tokens", str(cap)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"skipped {sum(n > cap for n in lengths)} of 4 prompts longer than {cap} tokens" in r.stderr
     r = subprocess.run([sys.executable, "train.py", *map(str, args[:-4]), "--max-new-tokens", "4096"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2

@@ -244,3 +244,23 @@ def test_shared_opening_gets_identical_rewards_and_zero_advantage(built, tokeniz
     if not share:  # the noise is real here: members disagree, and advantages at the opening are not 0
         assert any(not (r[:, shared] == r[:1, shared]).all() for r, _, _ in runs)
         assert any((a[:, shared] != 0).any() for _, _, a in runs)
+
+
+def test_the_verifier_template_is_rendered_once_per_prompt(tokenizers, monkeypatch):
+    from reward import encode_pairs
+
+    tok = tokenizers["sp_gemma"]
+    calls = []
+    real = type(tok).apply_chat_template
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(type(tok), "apply_chat_template", counted)
+    prompts = ["Say hello.", "Write code."] * 8                       # two groups of G = 8
+    responses = [f"answer {i}" for i in range(16)]
+    got = encode_pairs(tok, prompts, responses)
+    assert len(calls) == 2
+    monkeypatch.setattr(type(tok), "apply_chat_template", real)
+    assert [(v.ids, v.response.tolist(), v.spans.tolist()) for v in got] == \
+        [(v.ids, v.response.tolist(), v.spans.tolist()) for v in (encode_pair(tok, p, r) for p, r in zip(prompts, responses))]

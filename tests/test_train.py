@@ -410,3 +410,30 @@ def test_eos_reward_scores_the_end_of_stopped_responses_only(built):
         else:      # truncated: nothing added
             torch.testing.assert_close(rewards[b], paper_rewards[b], rtol=1e-5, atol=1e-5)
             assert ours[b] == pytest.approx(paper[b], rel=1e-5)
+
+
+def test_length_sorted_micro_batches_change_no_number_and_pad_less(built):
+    """One update with micro-batches of 3 (longest first) equals one with the whole step at once, and
+    the sorted batches hold less padding than rollout order would."""
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    torch.manual_seed(3)
+    cfg = T.Config(group_size=3, max_new_tokens=12, micro_batch=3, beta=0.0)
+    rollout = T.generate(model, tok, ["Hi", "A longer prompt about the weather", "Count"], cfg, eos,
+                         torch.device("cpu"))
+    adv = torch.randn(rollout.response.shape) * rollout.mask
+    batches = T.micro_batches(rollout, 3)
+    assert sorted(b for batch in batches for b in batch) == list(range(9))
+    total = torch.tensor([len(p) for p in rollout.prompt_ids]) + rollout.mask.sum(1)
+
+    def padded(groups):
+        return sum(len(g) * int(total[g].max()) for g in groups)
+    assert padded(batches) <= padded([list(range(i, i + 3)) for i in range(0, 9, 3)])
+    weights = []
+    for micro in (3, 9):
+        m, _, _, _ = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        T.policy_update(m, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
+                        T.Config(group_size=3, micro_batch=micro, grad_clip=1e9), torch.device("cpu"))
+        weights.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
