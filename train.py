@@ -22,12 +22,20 @@ Departures from, and readings of, the paper:
      generator's own next-token distributions over y_i), with sequence-level advantages.
   5. `--verifier-init random` is Section 4's control: the verifier's architecture with seeded random
      weights (its tokenizer is the real one).
+  6. Many processes (`torchrun --nproc_per_node N train.py ...`): each rank takes whole prompt groups
+     (the step's prompts split in N), so per-position advantages need no communication; it samples
+     from its own stream (seed + rank) and holds a replica of the frozen verifier. Eq. 2's 1/G is the
+     whole step's response count, and the gradients are summed over ranks once per optimizer step
+     (one all-reduce each, `sync_gradients`), so the update is the single-process update on the union
+     of the rollouts. (DistributedDataParallel would never synchronise here: token_logprobs calls the
+     decoder and output layer directly, not the model's forward.) `python train.py` is one rank.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -35,6 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +116,8 @@ class Config:
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code")
     device: str = _f("auto", "auto | cpu | cuda")
+    dist_timeout: int = _f(600, "torchrun: seconds a rank waits for the others in a collective before failing",
+                           check=">=1")
     demo: bool = _f(False, "run the offline toy demo instead (see `demo`)")
 
 
@@ -434,17 +445,96 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
     return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), None, None
 
 
+# --- many processes: torchrun ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job; plain `python train.py` is rank 0 of 1."""
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_ranks(cfg: Config) -> Ranks:
+    """Join the torchrun job named by the environment (RANK, WORLD_SIZE, LOCAL_RANK), NCCL on GPUs and
+    gloo on CPU; a rank that waits longer than --dist-timeout for the others fails instead of hanging."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} cannot be split over {world} ranks; "
+                         "use a multiple of the number of processes")
+    import torch.distributed as dist
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = _device(cfg, ranks).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(ranks.local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+    return ranks
+
+
+def all_sum(values: list[float], ranks: Ranks, device) -> list[float]:
+    """Each value summed over ranks (float64); the values themselves with one rank."""
+    if ranks.world == 1:
+        return values
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj, ranks: Ranks) -> list:
+    """[the object of rank 0, rank 1, ...] (picklable objects); [obj] with one rank."""
+    if ranks.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rng_states(ranks: Ranks) -> list[dict]:
+    """Every rank's RNG state, rank 0 first. (Gathered as torch.save bytes: all_gather_object cannot
+    carry the tensors inside an RNG state.)"""
+    import io
+    buf = io.BytesIO()
+    torch.save(_rng_state(), buf)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in all_gather(buf.getvalue(), ranks)]
+
+
+def sync_gradients(model, ranks: Ranks) -> None:
+    """Sum the gradients over ranks: one all-reduce per parameter, once per optimizer step. Each rank's
+    loss is already its share of the global Eq. 2 (num_sequences counts every rank's responses), so the
+    sum is the single-process gradient of the whole step. A parameter without a gradient takes part
+    with zeros, so every rank issues the same collectives."""
+    if ranks.world == 1:
+        return
+    import torch.distributed as dist
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
 # --- the update --------------------------------------------------------------------------------------
 
 def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
-                  cfg: Config, device) -> dict:
-    """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches.
+                  cfg: Config, device, ranks: Ranks = Ranks()) -> dict:
+    """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches (and over ranks:
+    `sync_gradients`).
 
-    Returns metrics; a non-finite loss or gradient norm skips the step (weights untouched).
+    Returns metrics over the whole step; a non-finite loss or gradient norm skips the step on every
+    rank (weights untouched).
     """
     model.train()
     B = rollout.response.shape[0]
-    num_sequences = B  # Eq. 2's 1/G over the whole step, fixed before the micro-batch loop
+    num_sequences = B * ranks.world  # Eq. 2's 1/G over the whole step (every rank), fixed before the loop
     optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     tokens = 0.0
@@ -463,7 +553,11 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
         for k in ("clip_frac", "ratio_mean", "kl"):
             if k in m:
                 sums[k] += m[k].item() * n  # token-weighted, so the step's metric is over all its tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    sync_gradients(model, ranks)
+    keys = ("loss", "clip_frac", "ratio_mean", "kl")
+    *summed, tokens = all_sum([sums[k] for k in keys] + [tokens], ranks, device)
+    sums = dict(zip(keys, summed))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()  # equal on all ranks
     skipped = not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))
     if skipped:  # the whole step is skipped: weights, optimizer state and schedule stay as they were
         optimizer.zero_grad(set_to_none=True)
@@ -509,11 +603,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, optimizer, scheduler,
-                    step: int, cfg: Config, prompts_digest: str | None = None) -> Path:
+                    step: int, cfg: Config, prompts_digest: str | None = None, rng: list | None = None) -> Path:
     """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint.
 
     A failed write (a full disk) removes the temporary folder and raises OSError in one line; the
     checkpoints already on disk are untouched. prompts_digest: `prompts_sha` of the run's prompts.
+    rng: every rank's RNG state, rank 0 first (default: this process's alone).
     """
     final, tmp = out / name, out / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -522,8 +617,9 @@ def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, o
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                    "step": step, "config": asdict(cfg), "prompts_sha256": prompts_digest},
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [_rng_state()],
+                    "world_size": len(rng or [0]), "step": step, "config": asdict(cfg),
+                    "prompts_sha256": prompts_digest},
                    tmp / "training_state.pt")
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -577,7 +673,7 @@ def intact_checkpoint(out: Path) -> tuple[Path, dict]:
 # other difference from the checkpoint's config would silently change what the run computes.
 RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
                      "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
-                     "gradient_checkpointing", "trust_remote_code", "demo"}
+                     "gradient_checkpointing", "trust_remote_code", "demo", "dist_timeout"}
 
 
 def check_resume(cfg: Config, state: dict, prompts: list[str]) -> None:
@@ -627,10 +723,16 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return check_device(cfg.device)
+def _device(cfg: Config, ranks: Ranks | None = None) -> torch.device:
+    """The device of this rank: --device, with a bare "cuda" (or auto on a GPU machine) meaning this
+    rank's local GPU under torchrun."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(name)
+    if device.type == "cuda" and device.index is None and ranks is not None and ranks.world > 1:
+        device = torch.device("cuda", ranks.local)
+    return device
 
 
 def shared_share(rollout: Rollout, group_size: int) -> float:
@@ -714,12 +816,17 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     from tqdm import tqdm
 
     check_config(cfg)
+    ranks = init_ranks(cfg)
+    say = print if ranks.main else (lambda *a, **k: None)  # only rank 0 writes and talks
     out = Path(cfg.out)
-    device = _device(cfg)
+    device = _device(cfg, ranks)
     prompts = load_prompts(cfg)
     resume_from, state = intact_checkpoint(out) if cfg.resume else (None, None)
     if state is not None:
         check_resume(cfg, state, prompts)
+        if state.get("world_size", 1) != ranks.world:
+            raise ValueError(f"--resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this "
+                             f"run has {ranks.world}; resume with the same number of processes")
     digest = prompts_sha(prompts)
 
     model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
@@ -727,12 +834,14 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     prompts = fit_context(prompts, gen_tok, model, cfg)
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
     total_steps = steps_per_epoch * cfg.epochs
-    out.mkdir(parents=True, exist_ok=True)
     # what the generator sees, so a reader can check it: the first prompt rendered, and the stop tokens
     seen = {"rendered_first_prompt": chat_prefix(gen_tok, prompts[0], cfg.system_prompt),
-            "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids), "prompts_sha256": digest}
-    print(json.dumps({"config": asdict(cfg), **seen}, indent=1, ensure_ascii=False), flush=True)
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
+            "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids), "prompts_sha256": digest,
+            "world_size": ranks.world}
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps({"config": asdict(cfg), **seen}, indent=1, ensure_ascii=False), flush=True)
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -754,30 +863,43 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     if resume_from is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rng = state["rng"]
+        _set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)  # older checkpoints: one dict
         start = state["step"]
-        for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
-            truncate_log(out / f, start)
-        print(f"resumed from {resume_from} after step {start}", flush=True)
+        if ranks.main:
+            for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
+                truncate_log(out / f, start)
+        say(f"resumed from {resume_from} after step {start}", flush=True)
     else:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        for f in ("metrics.jsonl", "samples.jsonl"):
-            (out / f).unlink(missing_ok=True)
+        seed = cfg.seed + ranks.rank  # each rank its own sampling stream; rank 0 of 1 is the plain seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if ranks.main:
+            for f in ("metrics.jsonl", "samples.jsonl"):
+                (out / f).unlink(missing_ok=True)
+
+    def checkpoint(step: int) -> Path | None:
+        rng = gather_rng_states(ranks)  # every rank takes part; rank 0 writes
+        if not ranks.main:
+            return None
+        return save_checkpoint(out, f"checkpoint-{step}", model, gen_tok, shipped, optimizer, scheduler, step, cfg,
+                               digest, rng)
 
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
+    per_rank = cfg.prompts_per_step // ranks.world
     history = []
-    bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True, disable=not ranks.main)
     # The first Ctrl-C or SIGTERM asks to stop at the end of the current step (checkpoint, exit 130); a
-    # second aborts.
+    # second aborts. Under torchrun the ranks agree on it at each step's end, so they stop together.
     stop_requested = []
 
     def on_sigint(signum, frame):
         if stop_requested:
             raise KeyboardInterrupt
         stop_requested.append(True)
-        tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        if ranks.main:
+            tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM (what schedulers such as SLURM send before killing a job) takes the same path as Ctrl-C
     previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
@@ -788,67 +910,91 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             k = step % steps_per_epoch
             batch = prompts[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+            batch = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]  # whole groups: this rank's share
             rollout = generate(model, gen_tok, batch, cfg, eos_ids, device)
             t1 = time.perf_counter()
             adv, reward, cme, token_rewards = score(rollout, cfg, verifier, gen_tok, model, device)
             t2 = time.perf_counter()
-            upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device)
+            upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks)
             t3 = time.perf_counter()
 
-            lengths = rollout.mask.sum(1).numpy()
-            groups = adv.reshape(len(batch), -1)
-            m = {"step": step + 1, **dict(zip(("reward_mean", "reward_std"), _stats(reward)))}
-            if cme is not None:
-                m.update(zip(("cme_mean", "cme_std"), _stats(cme)))
-            m.update({"zero_spread_groups": float((groups.abs().sum(1) == 0).float().mean()),
-                      "shared_positions": shared_share(rollout, cfg.group_size),
-                      "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
-                      "truncated": float(rollout.truncated.float().mean()), **upd,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(lengths.sum() / (t3 - t0)),
-                      "time_gen": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2, "step_time": t3 - t0})
+            m = {"step": step + 1, **step_metrics(all_gather(step_record(rollout, adv, reward, cme, cfg, (t0, t1, t2, t3)),
+                                                             ranks)),
+                 **upd, "lr": scheduler.get_last_lr()[0]}
             if device.type == "cuda":
-                m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                m["peak_mem_gb"] = max(all_gather(torch.cuda.max_memory_allocated() / 2 ** 30, ranks))
             if on_step is not None:
                 m.update(on_step(step + 1, rollout))
             history.append(m)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if upd["skipped"]:
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped (weights unchanged)")
-            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                tr = token_rewards
-                if tr is None and verifier is not None:
-                    n = min(cfg.num_samples, len(rollout.texts))
-                    tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
-                                                   [rollout.response[b, :int(rollout.mask[b].sum())].numpy()
-                                                    for b in range(n)])
-                for s in log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples):
-                    tqdm.write(f"[step {step + 1}] {s['prompt'][:60]!r} -> {s['response'][:120]!r}")
+            if ranks.main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if upd["skipped"]:
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped (weights unchanged)")
+                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                    tr = token_rewards
+                    if tr is None and verifier is not None:
+                        n = min(cfg.num_samples, len(rollout.texts))
+                        tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
+                                                       [rollout.response[b, :int(rollout.mask[b].sum())].numpy()
+                                                        for b in range(n)])
+                    for smp in log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples):
+                        tqdm.write(f"[step {step + 1}] {smp['prompt'][:60]!r} -> {smp['response'][:120]!r}")
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}", s=f"{m['step_time']:.1f}")
             bar.update(1)
-            if (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-                save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer, scheduler,
-                                step + 1, cfg, digest)
-                prune_checkpoints(out, cfg.keep_checkpoints)
-            if stop_requested:
-                path = save_checkpoint(out, f"checkpoint-{step + 1}", model, gen_tok, shipped, optimizer,
-                                       scheduler, step + 1, cfg, digest)
+            stopping = all_sum([float(bool(stop_requested))], ranks, device)[0] > 0  # any rank asked
+            if (step + 1) % cfg.save_every == 0 and step + 1 < stop and not stopping:
+                checkpoint(step + 1)
+                if ranks.main:
+                    prune_checkpoints(out, cfg.keep_checkpoints)
+            if stopping:
+                path = checkpoint(step + 1)
                 bar.close()
-                print(f"interrupted: saved {path}; continue with --resume", file=sys.stderr)
+                if ranks.main:
+                    print(f"interrupted: saved {path}; continue with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
         bar.close()  # before any error message, which must be the last line
         if main_thread:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    path = save_checkpoint(out, f"checkpoint-{stop}", model, gen_tok, shipped, optimizer, scheduler, stop, cfg,
-                           digest)
-    prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
-    if (out / "metrics.jsonl").exists():
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-    print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
-          flush=True)
+    path = checkpoint(stop)
+    if ranks.main:
+        prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
+        if (out / "metrics.jsonl").exists():
+            plot_curves(out / "metrics.jsonl", out / "curves.png")
+        print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
+              flush=True)
     return history
+
+
+def step_record(rollout: Rollout, adv: torch.Tensor, reward, cme, cfg: Config, times: tuple) -> dict:
+    """What one rank contributes to a step's metrics: raw per-response values, so the statistics over
+    ranks are computed on their union exactly as one process would (never a mean of means)."""
+    t0, t1, t2, t3 = times
+    groups = adv.reshape(-1, cfg.group_size * (adv.numel() // adv.shape[0]))
+    shared = shared_share(rollout, cfg.group_size) * max(int(rollout.mask.sum()), 1)
+    return {"reward": np.asarray(reward, dtype=np.float64), "cme": None if cme is None else np.asarray(cme),
+            "lengths": rollout.mask.sum(1).numpy(), "truncated": rollout.truncated.numpy(),
+            "zero_spread": (groups.abs().sum(1) == 0).numpy(), "shared": shared,
+            "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
+
+
+def step_metrics(records: list[dict]) -> dict:
+    """A step's metrics from every rank's `step_record`, rank 0 first. Times are the slowest rank's."""
+    cat = {k: np.concatenate([r[k] for r in records]) for k in ("reward", "lengths", "truncated", "zero_spread")}
+    lengths = cat["lengths"]
+    t_gen, t_score, t_update, t_step = np.max([r["times"] for r in records], axis=0)
+    m = dict(zip(("reward_mean", "reward_std"), _stats(cat["reward"])))
+    if records[0]["cme"] is not None:
+        m.update(zip(("cme_mean", "cme_std"), _stats(np.concatenate([r["cme"] for r in records]))))
+    m.update({"zero_spread_groups": float(cat["zero_spread"].mean()),
+              "shared_positions": sum(r["shared"] for r in records) / max(int(lengths.sum()), 1),
+              "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
+              "truncated": float(cat["truncated"].mean()), "tokens_per_s": float(lengths.sum() / t_step),
+              "time_gen": float(t_gen), "time_score": float(t_score), "time_update": float(t_update),
+              "step_time": float(t_step)})
+    return m
 
 
 # --- main --------------------------------------------------------------------------------------------

@@ -280,6 +280,10 @@ def test_cross_tokenizer_alignment_invariants(tokenizers, gen_name, ver_name, te
     logp = np.array(data.draw(st.lists(st.floats(-20, 0), min_size=len(vspans), max_size=len(vspans))))
     aligned, _ = align_logprobs(gspans, vspans, logp, whitespace_tokens(gen, ids), mask_whitespace=False)
     assert np.isclose(aligned.sum(), logp[wide].sum(), atol=1e-9)
-    if rt.text.isascii():  # the verifier tokens of the response spell it (after any straddled prefix)
+    singles = {p[0] for p in vocab_bytes(ver).pieces if len(p) == 1}
+    # the verifier tokens of the response spell it (after any straddled prefix), where the verifier's
+    # vocabulary holds every byte: SmolLM2's lacks 21 (0x04 among them), which its encoding drops, so
+    # as a verifier it never sees them (their generator tokens overlap no verifier token: masked)
+    if rt.text.isascii() and set(rt.text.encode()) <= singles:
         spelled = b"".join(vocab_bytes(ver).pieces[vin.ids[i]] for i in vin.response)
         assert spelled.endswith(rt.text.encode())
