@@ -91,6 +91,13 @@ class Config:
     prompts_per_step: int = _f(16, "prompts per optimizer step (x G responses, accumulated)", check=">=1")
     micro_batch: int = _f(4, "responses per forward/backward micro-batch", check=">=1")
     gen_batch: int = _f(128, "responses generated per generate() call", check=">=1")
+    cache: str = _f("dynamic", "KV cache of rollout generation: dynamic | static (preallocated; what torch.compile "
+                    "and CUDA graphs need; off until measured on a GPU, README)", choices=["dynamic", "static"])
+    compile_decode: bool = _f(False, "with --cache static on a GPU, let transformers compile the decode step "
+                              "(torch.compile, CUDA graphs); off until measured")
+    rollout_dtype: str = _f("fp32", "weights rollouts are sampled with: fp32 (the policy itself, bf16 autocast on "
+                            "GPU) | bf16 (a bf16 copy refreshed after every update: faster decode, +2 bytes per "
+                            "parameter; off until measured)", choices=["fp32", "bf16"])
     temperature: float = _f(1.0, "sampling temperature", check=">0")
     top_p: float = _f(1.0, "nucleus sampling p", check="(0,1]")
     max_new_tokens: int = _f(2048, "maximum response length in generator tokens", check=">=1")
@@ -303,11 +310,17 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
 
 
 def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int):
-    """A GenerationConfig with every sampling knob set to the run's value (nothing from the checkpoint)."""
+    """A GenerationConfig with every sampling knob set to the run's value (nothing from the checkpoint).
+
+    --cache static preallocates the KV cache (prompt + max_new_tokens) instead of growing it every
+    step; on a GPU transformers then compiles the decode step unless told not to, which only
+    --compile-decode allows. Greedy outputs equal the dynamic cache's (tested on CPU)."""
     from transformers import GenerationConfig
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+                            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                            cache_implementation="static" if cfg.cache == "static" else None,
+                            disable_compile=not cfg.compile_decode)
 
 
 @dataclass
@@ -356,6 +369,25 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[in
     texts = [decode_response(token_bytes(tokenizer, response[b, :int(mask[b].sum())].numpy())).text
              for b in range(len(rows))]
     return Rollout(rows, prompt_ids, response, mask, truncated, texts)
+
+
+def rollout_model(model, cfg: Config):
+    """The model rollouts are sampled from: the policy itself, or with --rollout-dtype bf16 a frozen bf16
+    copy (no per-step weight casts under autocast), which `refresh_rollout_model` keeps equal to the
+    policy's weights rounded to bf16. It samples from that rounding of the policy; the update treats the
+    rollouts as on-policy (rho = 1), the mismatch every trainer with a separate inference engine accepts."""
+    if cfg.rollout_dtype == "fp32":
+        return model
+    import copy
+    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_rollout_model(rollout_copy, model) -> None:
+    """Copy the policy's weights into its rollout copy (a no-op when they are the same model)."""
+    if rollout_copy is not model:
+        for a, b in zip(rollout_copy.parameters(), model.parameters()):
+            a.copy_(b)
 
 
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,6 +705,7 @@ def intact_checkpoint(out: Path) -> tuple[Path, dict]:
 # other difference from the checkpoint's config would silently change what the run computes.
 RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
                      "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
+                     "cache", "compile_decode", "rollout_dtype",
                      "gradient_checkpointing", "trust_remote_code", "demo", "dist_timeout"}
 
 
@@ -857,6 +890,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         vocab_bytes(vtok)  # likewise for the verifier's tokenizer
         verifier = Verifier(vmodel, vtok, cfg.verifier_token_budget, cfg.logprob_chunk, cfg.mask_whitespace)
 
+    sampler = rollout_model(model, cfg)  # the policy itself unless --rollout-dtype bf16
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps))
     start = 0
@@ -911,11 +945,12 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             k = step % steps_per_epoch
             batch = prompts[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
             batch = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]  # whole groups: this rank's share
-            rollout = generate(model, gen_tok, batch, cfg, eos_ids, device)
+            rollout = generate(sampler, gen_tok, batch, cfg, eos_ids, device)
             t1 = time.perf_counter()
             adv, reward, cme, token_rewards = score(rollout, cfg, verifier, gen_tok, model, device)
             t2 = time.perf_counter()
             upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks)
+            refresh_rollout_model(sampler, model)
             t3 = time.perf_counter()
 
             m = {"step": step + 1, **step_metrics(all_gather(step_record(rollout, adv, reward, cme, cfg, (t0, t1, t2, t3)),

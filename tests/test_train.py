@@ -437,3 +437,43 @@ def test_length_sorted_micro_batches_change_no_number_and_pad_less(built):
         weights.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_static_cache_rollouts_equal_the_dynamic_cache(built):
+    """--cache static: greedy outputs of a left-padded batch equal the dynamic cache's token for token,
+    and so do rollouts sampled from the same seed."""
+    from transformers import GenerationConfig
+
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    prompts = ["Hi", "A much longer prompt that pads the others", "Count to three"]
+    x, attn = T.left_pad([tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+                         tok.pad_token_id, "cpu")
+    outs = []
+    for cache in (None, "static"):
+        g = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                             cache_implementation=cache, disable_compile=True)
+        outs.append(model.generate(input_ids=x, attention_mask=attn, generation_config=g))
+    assert torch.equal(outs[0], outs[1])
+    rollouts = []
+    for cache in ("dynamic", "static"):
+        torch.manual_seed(0)
+        rollouts.append(T.generate(model, tok, prompts, T.Config(group_size=2, max_new_tokens=10, cache=cache),
+                                   eos, torch.device("cpu")))
+    assert torch.equal(rollouts[0].response, rollouts[1].response) and rollouts[0].texts == rollouts[1].texts
+
+
+def test_bf16_rollout_copy_follows_the_policy(built, prompts_file, tmp_path):
+    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    sampler = T.rollout_model(model, T.Config(rollout_dtype="bf16"))
+    assert sampler is not model and all(p.dtype == torch.bfloat16 for p in sampler.parameters())
+    assert T.rollout_model(model, T.Config()) is model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    T.refresh_rollout_model(sampler, model)
+    for a, b in zip(sampler.parameters(), model.parameters()):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    out = tmp_path / "run"
+    r = cli(*tiny_run_args(built, prompts_file, out, "--max-steps", 2, "--rollout-dtype", "bf16"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
