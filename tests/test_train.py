@@ -477,3 +477,16 @@ def test_bf16_rollout_copy_follows_the_policy(built, prompts_file, tmp_path):
     r = cli(*tiny_run_args(built, prompts_file, out, "--max-steps", 2, "--rollout-dtype", "bf16"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_bench_train_prints_the_per_phase_table(capsys):
+    import bench_train
+
+    assert bench_train.main(["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+                             "--steps", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("generate", "score", "update", "step")}
+    assert set(rows) == {"generate", "score", "update", "step"}
+    shares = sum(float(rows[p][2].rstrip("%")) for p in ("generate", "score", "update"))
+    assert 95 <= shares <= 100.5 and "peak resident memory" in out
