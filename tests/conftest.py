@@ -107,3 +107,13 @@ def real_model(name: str) -> Path:
     if not (path / "model.safetensors").exists():
         pytest.skip(f"{path} not built (python ../shared/models/build_real_models.py; development checkout only)")
     return path
+
+
+@pytest.fixture(scope="session")
+def four_prompts(tmp_path_factory) -> Path:
+    """A .jsonl of four short distinct prompts, for runs through the CLI."""
+    import json
+    path = tmp_path_factory.mktemp("four_prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"instruction": p}) + "\n"
+                            for p in ["Say hello.", "Count to three.", "Name a colour.", "Write a haiku."]))
+    return path

@@ -21,14 +21,6 @@ def run(hook: str, args: list, ranks: int = 1, timeout: int = 600) -> subprocess
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("p") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"instruction": p}) + "\n"
-                            for p in ["Say hello.", "Count to three.", "Name a colour.", "Write a haiku."]))
-    return path
-
-
 def args_for(built, prompts, out, *extra):
     # one pair per verifier micro-batch and one response per update micro-batch: every number a rank
     # computes is then computed the same way by the single process (only sums are grouped differently)
@@ -42,13 +34,13 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_equal_one_process_on_the_same_rollouts(built, prompts_file, tmp_path):
+def test_two_ranks_equal_one_process_on_the_same_rollouts(built, four_prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run("group-seeded", args_for(built, prompts_file, one, "--max-steps", 2))
+    r1 = run("group-seeded", args_for(built, four_prompts, one, "--max-steps", 2))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run("group-seeded", args_for(built, prompts_file, two, "--max-steps", 2), ranks=2)
+    r2 = run("group-seeded", args_for(built, four_prompts, two, "--max-steps", 2), ranks=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in b] == [1, 2]  # rank 0 alone writes: no step twice
@@ -65,31 +57,31 @@ def test_two_ranks_equal_one_process_on_the_same_rollouts(built, prompts_file, t
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
-def test_a_resumed_two_rank_run_continues_exactly(built, prompts_file, tmp_path):
+def test_a_resumed_two_rank_run_continues_exactly(built, four_prompts, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run("none", args_for(built, prompts_file, whole, "--max-steps", 3), ranks=2).returncode == 0
-    assert run("none", args_for(built, prompts_file, parts, "--max-steps", 2), ranks=2).returncode == 0
+    assert run("none", args_for(built, four_prompts, whole, "--max-steps", 3), ranks=2).returncode == 0
+    assert run("none", args_for(built, four_prompts, parts, "--max-steps", 2), ranks=2).returncode == 0
     state = torch.load(parts / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # every rank's RNG
-    r = run("none", args_for(built, prompts_file, parts, "--max-steps", 3, "--resume"), ranks=2)
+    r = run("none", args_for(built, four_prompts, parts, "--max-steps", 3, "--resume"), ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = metrics(whole), metrics(parts)
     assert [m["step"] for m in b] == [1, 2, 3]
     for k in ("reward_mean", "cme_mean", "len_mean", "loss", "grad_norm"):
         assert a[2][k] == pytest.approx(b[2][k], rel=1e-5, abs=1e-7), k
-    r = run("none", args_for(built, prompts_file, parts, "--max-steps", 4, "--resume"))  # one process now
+    r = run("none", args_for(built, four_prompts, parts, "--max-steps", 4, "--resume"))  # one process now
     assert r.returncode == 2 and "written by 2 ranks and this run has 1" in r.stderr
 
 
-def test_a_world_size_that_does_not_divide_the_prompts(built, prompts_file, tmp_path):
-    r = run("none", args_for(built, prompts_file, tmp_path / "x", "--prompts-per-step", 3), ranks=2, timeout=120)
+def test_a_world_size_that_does_not_divide_the_prompts(built, four_prompts, tmp_path):
+    r = run("none", args_for(built, four_prompts, tmp_path / "x", "--prompts-per-step", 3), ranks=2, timeout=120)
     assert r.returncode != 0
     assert "--prompts-per-step 3 cannot be split over 2 ranks" in r.stderr
 
 
-def test_a_failing_rank_ends_the_job(built, prompts_file, tmp_path):
+def test_a_failing_rank_ends_the_job(built, four_prompts, tmp_path):
     t = time.time()
-    r = run("fail-rank-1", args_for(built, prompts_file, tmp_path / "x", "--max-steps", 3, "--dist-timeout", 30),
+    r = run("fail-rank-1", args_for(built, four_prompts, tmp_path / "x", "--max-steps", 3, "--dist-timeout", 30),
             ranks=2, timeout=300)
     assert r.returncode != 0 and "rank 1 failed on purpose" in r.stderr
     assert time.time() - t < 120  # the other rank did not wait forever in a collective

@@ -249,14 +249,6 @@ def test_a_wordpiece_generator_is_refused_before_the_first_rollout(built, tmp_pa
 
 # --- resume: refusals, the log after a kill, a broken checkpoint, a full disk ---------------------------
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("p") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"instruction": p}) + "\n"
-                            for p in ["Say hello.", "Count to three.", "Name a colour.", "Write a haiku."]))
-    return path
-
-
 def run_args(built, prompts, out, *extra):
     return ["--gen", built["qwen2"], "--verifier", built["gemma3"], "--prompts", prompts, "--out", out,
             "--group-size", 2, "--prompts-per-step", 1, "--micro-batch", 2, "--max-new-tokens", 6, "--lr", 1e-3,
@@ -269,9 +261,9 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def one_step_run(built, prompts_file, tmp_path_factory) -> Path:
+def one_step_run(built, four_prompts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    assert cli(*run_args(built, prompts_file, out, "--max-steps", 1)).returncode == 0
+    assert cli(*run_args(built, four_prompts, out, "--max-steps", 1)).returncode == 0
     return out
 
 
@@ -283,19 +275,19 @@ def one_step_run(built, prompts_file, tmp_path_factory) -> Path:
     (["--temperature", "0.7"], "--temperature"),
     (["--grad-clip", "0.5"], "--grad-clip"),
 ])
-def test_resume_refuses_settings_that_change_what_is_computed(built, prompts_file, one_step_run, change, flag):
-    r = cli(*run_args(built, prompts_file, one_step_run, "--resume", "--max-steps", 2, *change))
+def test_resume_refuses_settings_that_change_what_is_computed(built, four_prompts, one_step_run, change, flag):
+    r = cli(*run_args(built, four_prompts, one_step_run, "--resume", "--max-steps", 2, *change))
     assert r.returncode == 2
     last_line_error(r.stderr, f"--resume: {flag} was")
 
 
-def test_resume_refuses_another_verifier_and_rewritten_prompts(built, prompts_file, one_step_run, tmp_path):
-    args = run_args(built, prompts_file, one_step_run, "--resume", "--max-steps", 2)
+def test_resume_refuses_another_verifier_and_rewritten_prompts(built, four_prompts, one_step_run, tmp_path):
+    args = run_args(built, four_prompts, one_step_run, "--resume", "--max-steps", 2)
     args[3] = built["llama"]  # --verifier
     r = cli(*args)
     assert r.returncode == 2 and "--resume: --verifier was" in r.stderr
     moved = tmp_path / "prompts.jsonl"  # same path, rewritten content
-    moved.write_text(prompts_file.read_text())
+    moved.write_text(four_prompts.read_text())
     cfg = json.loads((one_step_run / "config.json").read_text())
     assert cfg["prompts_sha256"]
     copy = tmp_path / "copy"
@@ -305,18 +297,18 @@ def test_resume_refuses_another_verifier_and_rewritten_prompts(built, prompts_fi
         state = torch.load(state_file, weights_only=True)
         state["config"]["prompts"] = str(moved)
         torch.save(state, state_file)
-    moved.write_text(prompts_file.read_text().replace("haiku", "limerick"))
+    moved.write_text(four_prompts.read_text().replace("haiku", "limerick"))
     r = cli(*run_args(built, moved, copy, "--resume", "--max-steps", 2))
     assert r.returncode == 2 and "are not the ones the checkpoint trained on" in r.stderr
-    r = cli(*run_args(built, prompts_file, one_step_run, "--resume", "--max-steps", 2, "--save-every", 7))
+    r = cli(*run_args(built, four_prompts, one_step_run, "--resume", "--max-steps", 2, "--save-every", 7))
     assert r.returncode == 0, r.stderr[-2000:]  # how often to save is not what is computed
 
 
-def test_resume_after_a_kill_logs_each_step_once(built, prompts_file, tmp_path):
+def test_resume_after_a_kill_logs_each_step_once(built, four_prompts, tmp_path):
     """A real SIGKILL after a step past the last checkpoint was logged: the resumed run starts from the
     checkpoint and redoes that step; metrics.jsonl and samples.jsonl must not hold it twice."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, run_args(built, prompts_file, out, "--save-every", 2))],
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, run_args(built, four_prompts, out, "--save-every", 2))],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
     while time.time() < deadline:  # wait for an odd step: logged, its checkpoint (every 2) not yet written
@@ -330,7 +322,7 @@ def test_resume_after_a_kill_logs_each_step_once(built, prompts_file, tmp_path):
     last_checkpoint = T.latest_checkpoint(out)
     saved = int(last_checkpoint.name.split("-")[1])
     assert logged > saved  # the kill left steps logged past the checkpoint: the case under test
-    r = cli(*run_args(built, prompts_file, out, "--resume", "--max-steps", logged + 1, "--save-every", 2))
+    r = cli(*run_args(built, four_prompts, out, "--resume", "--max-steps", logged + 1, "--save-every", 2))
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, logged + 2))
@@ -339,24 +331,24 @@ def test_resume_after_a_kill_logs_each_step_once(built, prompts_file, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_resume_skips_a_broken_checkpoint(built, prompts_file, tmp_path, damage):
+def test_resume_skips_a_broken_checkpoint(built, four_prompts, tmp_path, damage):
     out = tmp_path / "run"
-    assert cli(*run_args(built, prompts_file, out, "--max-steps", 2, "--save-every", 1)).returncode == 0
+    assert cli(*run_args(built, four_prompts, out, "--max-steps", 2, "--save-every", 1)).returncode == 0
     state = out / "checkpoint-2" / "training_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2] if damage == "truncated" else b"")
-    r = cli(*run_args(built, prompts_file, out, "--resume", "--max-steps", 3, "--save-every", 1))
+    r = cli(*run_args(built, four_prompts, out, "--resume", "--max-steps", 3, "--save-every", 1))
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{out / 'checkpoint-2'} is broken" in r.stderr and "resumed from" in r.stdout
     assert "checkpoint-1 after step 1" in r.stdout
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     for c in out.glob("checkpoint-*"):
         (c / "training_state.pt").write_bytes(b"")
-    r = cli(*run_args(built, prompts_file, out, "--resume", "--max-steps", 4))
+    r = cli(*run_args(built, four_prompts, out, "--resume", "--max-steps", 4))
     assert r.returncode == 2
     last_line_error(r.stderr, "--resume: no intact checkpoint")
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(built, prompts_file, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(built, four_prompts, tmp_path, monkeypatch, capsys):
     """The second checkpoint's training state hits ENOSPC halfway: one line, the temporary folder gone,
     checkpoint-1 intact and loadable."""
     from transformers import AutoModelForCausalLM
@@ -372,7 +364,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(built, prompts_f
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", full_disk)
     out = tmp_path / "run"
-    assert T.main([str(a) for a in run_args(built, prompts_file, out, "--max-steps", 3, "--save-every", 1)]) == 2
+    assert T.main([str(a) for a in run_args(built, four_prompts, out, "--max-steps", 3, "--save-every", 1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "No space left on device" in err and f"{out / 'checkpoint-1'} is intact" in err
     assert not list(out.glob(".tmp-*")) and not (out / "checkpoint-2").exists()
