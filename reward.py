@@ -338,7 +338,7 @@ class Verifier:
         B, T = len(gen_ids), max((len(g) for g in gen_ids), default=0)
         rewards, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
         ended = [False] * B if ended is None else [bool(e) and len(g) > 0 for e, g in zip(ended, gen_ids)]
-        seqs, positions, plans, ends = [], [], [], []
+        seqs, positions, plans = [], [], []
         gen_ids = [np.asarray(ids, dtype=np.int64) for ids in gen_ids]
         if identity:  # the verifier reads the generator's own tokens after its prefix
             prefix_of = _prefixes(self.tokenizer, prompts)

@@ -253,7 +253,7 @@ def fit_context(prompts: list[str], tokenizer, model, cfg: Config) -> list[str]:
     if cfg.max_prompt_tokens:
         limit = min(limit, cfg.max_prompt_tokens)
     kept = [p for p, n in zip(prompts, lengths) if n <= limit]
-    if len(kept) < len(prompts):
+    if len(kept) < len(prompts) and _rank0():
         print(f"skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than {limit} tokens (the "
               f"generator's context of {context} tokens minus --max-new-tokens {cfg.max_new_tokens}"
               + (f", or --max-prompt-tokens {cfg.max_prompt_tokens})" if cfg.max_prompt_tokens else ")"),
@@ -678,6 +678,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _rank0() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or runs alone (messages every rank would repeat)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def intact_checkpoint(out: Path) -> tuple[Path, dict]:
     """The newest checkpoint in `out` that loads, and its training state. A broken one (a truncated or
     empty training_state.pt, missing weights) is named on stderr and the one before it is tried."""
@@ -694,7 +699,8 @@ def intact_checkpoint(out: Path) -> tuple[Path, dict]:
                 raise ValueError("training_state.pt lacks fields")
         except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
+            if _rank0():
+                print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
             broken.append(path.name)
             continue
         return path, state
@@ -850,7 +856,6 @@ def train(cfg: Config, on_step=None) -> list[dict]:
 
     check_config(cfg)
     ranks = init_ranks(cfg)
-    say = print if ranks.main else (lambda *a, **k: None)  # only rank 0 writes and talks
     out = Path(cfg.out)
     device = _device(cfg, ranks)
     prompts = load_prompts(cfg)
@@ -903,7 +908,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         if ranks.main:
             for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
                 truncate_log(out / f, start)
-        say(f"resumed from {resume_from} after step {start}", flush=True)
+        if ranks.main:
+            print(f"resumed from {resume_from} after step {start}", flush=True)
     else:
         seed = cfg.seed + ranks.rank  # each rank its own sampling stream; rank 0 of 1 is the plain seed
         random.seed(seed)
@@ -1049,7 +1055,8 @@ def main(argv=None) -> int:
               f"--gen-batch {max(1, cfg.gen_batch // 2)} or --gradient-checkpointing", file=sys.stderr)
         return 3
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = "" if _rank0() and os.environ.get("WORLD_SIZE", "1") == "1" else f" (rank {os.environ.get('RANK')})"
+        print(f"error{where}: {e}", file=sys.stderr)
         return 2
     return 0
 
