@@ -85,3 +85,31 @@ def test_a_failing_rank_ends_the_job(built, four_prompts, tmp_path):
             ranks=2, timeout=300)
     assert r.returncode != 0 and "rank 1 failed on purpose" in r.stderr
     assert time.time() - t < 120  # the other rank did not wait forever in a collective
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(built, four_prompts, tmp_path):
+    """A scheduler's SIGTERM reaching rank 1 alone: the ranks agree at the step's end, rank 0 saves that
+    step's checkpoint, and a resume continues from it."""
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*launcher, "tests/dist_hooks.py", "none",
+                             *map(str, args_for(built, four_prompts, out, "--epochs", 500))],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics_file, deadline = out / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    workers = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and (d / "stat").exists()
+               and (d / "stat").read_text().rsplit(")", 1)[-1].split()[1] == str(proc.pid)]  # children of torchrun
+    rank1 = [pid for pid in workers if "\x00RANK=1\x00" in "\x00" + Path(f"/proc/{pid}/environ").read_text(errors="replace")]
+    assert len(rank1) == 1, workers
+    os.kill(int(rank1[0]), signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    done = metrics_file.read_text().count("\n")
+    assert (out / f"checkpoint-{done}").is_dir(), err[-2000:]  # rank 0 saved the step both stopped after
+    assert "continue with --resume" in err
+    r = run("none", args_for(built, four_prompts, out, "--epochs", 500, "--resume", "--max-steps", done + 1), ranks=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in metrics(out)] == list(range(1, done + 2))
