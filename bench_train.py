@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     pps = args.prompts_per_step or (16 if args.paper else 4)
     new = args.max_new_tokens or (512 if args.paper else 32)
     for name, value in (("--prompts-per-step", pps), ("--max-new-tokens", new), ("--steps", args.steps),
-                        ("--group-size", args.group_size - 1), ("--micro-batch", args.micro_batch)):
+                        ("--group-size", args.group_size - 1), ("--micro-batch", args.micro_batch),
+                        ("--warmup", args.warmup + 1)):
         if value < 1:
             print(f"error: {name} is too small", file=sys.stderr)
             return 2

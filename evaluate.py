@@ -334,17 +334,10 @@ def check_context(model, tokenizer, prompts: Sequence[str], indices: Sequence[in
                   system_prompt: str | None = None) -> None:
     """Refuse, before any work, prompts that with --max-new-tokens do not fit the model's context (an
     evaluation must not silently drop prompts: N would change)."""
-    from train import chat_prefix
+    from train import rendered_lengths
 
-    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    context = getattr(text_cfg, "max_position_embeddings", None)
-    if context is None:
-        return
-    if max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the model's context is {context} tokens, prompt included")
-    encs = tokenizer.backend_tokenizer.encode_batch([chat_prefix(tokenizer, p, system_prompt) for p in prompts],
-                                                    add_special_tokens=False)
-    long = [i for i, e in zip(indices, encs) if len(e.ids) + max_new_tokens > context]
+    context, lengths = rendered_lengths(model, tokenizer, list(prompts), max_new_tokens, system_prompt, who="model")
+    long = [i for i, n in zip(indices, lengths) if context is not None and n + max_new_tokens > context]
     if long:
         raise ValueError(f"{len(long)} prompts (index {', '.join(map(str, long[:5]))}{', ...' if len(long) > 5 else ''}) "
                          f"do not fit the model's context of {context} tokens with --max-new-tokens {max_new_tokens}")

@@ -237,23 +237,31 @@ def load_prompts(cfg: Config) -> list[str]:
     return prompts
 
 
-def fit_context(prompts: list[str], tokenizer, model, cfg: Config) -> list[str]:
+def rendered_lengths(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None,
+                     who: str = "generator") -> tuple[int | None, list[int]]:
+    """(the model's context in tokens, or None if its config names none; each prompt's length in tokens
+    after the chat template). Refuses a max_new_tokens that leaves no room for any prompt."""
+    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    context = getattr(text_cfg, "max_position_embeddings", None)
+    if context is not None and max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the {who}'s context is {context} tokens, "
+                         "prompt included")
+    rendered = [chat_prefix(tokenizer, p, system_prompt) for p in prompts]
+    return context, [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(rendered, add_special_tokens=False)]
+
+
+def fit_context(prompts: list[str], tokenizer, model, cfg: Config, verbose: bool = True) -> list[str]:
     """Drop prompts whose rendered length plus --max-new-tokens exceeds the generator's context (a
     500 KB prompt would otherwise ask for tens of GB), or which are longer than --max-prompt-tokens,
-    saying how many; refuse a --max-new-tokens that leaves no room for any prompt. Runs before the
-    verifier loads."""
-    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    context = getattr(text_cfg, "max_position_embeddings", None) or 10 ** 9
-    if cfg.max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: the generator's context is {context} tokens, "
-                         "prompt included")
-    rendered = [chat_prefix(tokenizer, p, cfg.system_prompt) for p in prompts]
-    lengths = [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(rendered, add_special_tokens=False)]
-    limit = context - cfg.max_new_tokens
-    if cfg.max_prompt_tokens:
-        limit = min(limit, cfg.max_prompt_tokens)
+    saying how many (when verbose); refuse a --max-new-tokens that leaves no room for any prompt. Runs
+    before the verifier loads."""
+    context, lengths = rendered_lengths(model, tokenizer, prompts, cfg.max_new_tokens, cfg.system_prompt)
+    limits = ([context - cfg.max_new_tokens] if context else []) + ([cfg.max_prompt_tokens] if cfg.max_prompt_tokens else [])
+    if not limits:
+        return prompts
+    limit = min(limits)
     kept = [p for p, n in zip(prompts, lengths) if n <= limit]
-    if len(kept) < len(prompts) and _rank0():
+    if len(kept) < len(prompts) and verbose:
         print(f"skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than {limit} tokens (the "
               f"generator's context of {context} tokens minus --max-new-tokens {cfg.max_new_tokens}"
               + (f", or --max-prompt-tokens {cfg.max_prompt_tokens})" if cfg.max_prompt_tokens else ")"),
@@ -302,7 +310,7 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """
     eos = generation_config.eos_token_id
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    end = turn_end(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
+    end = turn_end(tokenizer)  # without a template, the tokenizer's EOS: already in the list
     for extra in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end) if end else None):
         if extra is not None and extra not in ids:
             ids.append(extra)
@@ -678,14 +686,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _rank0() -> bool:
-    """Whether this process is rank 0 of a torchrun job, or runs alone (messages every rank would repeat)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def intact_checkpoint(out: Path) -> tuple[Path, dict]:
+def intact_checkpoint(out: Path, verbose: bool = True) -> tuple[Path, dict]:
     """The newest checkpoint in `out` that loads, and its training state. A broken one (a truncated or
-    empty training_state.pt, missing weights) is named on stderr and the one before it is tried."""
+    empty training_state.pt, missing weights) is named on stderr (when verbose) and the one before it
+    is tried."""
     found = _checkpoints(out)
     if not found:
         raise ValueError(f"--resume: no checkpoint in {out}")
@@ -699,7 +703,7 @@ def intact_checkpoint(out: Path) -> tuple[Path, dict]:
                 raise ValueError("training_state.pt lacks fields")
         except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if _rank0():
+            if verbose:
                 print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
             broken.append(path.name)
             continue
@@ -859,7 +863,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     out = Path(cfg.out)
     device = _device(cfg, ranks)
     prompts = load_prompts(cfg)
-    resume_from, state = intact_checkpoint(out) if cfg.resume else (None, None)
+    resume_from, state = intact_checkpoint(out, ranks.main) if cfg.resume else (None, None)
     if state is not None:
         check_resume(cfg, state, prompts)
         if state.get("world_size", 1) != ranks.world:
@@ -869,7 +873,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
 
     model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
     vocab_bytes(gen_tok)  # an unsupported tokenizer (WordPiece) fails here, before any rollout
-    prompts = fit_context(prompts, gen_tok, model, cfg)
+    prompts = fit_context(prompts, gen_tok, model, cfg, ranks.main)
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
     total_steps = steps_per_epoch * cfg.epochs
     # what the generator sees, so a reader can check it: the first prompt rendered, and the stop tokens
@@ -1055,7 +1059,7 @@ def main(argv=None) -> int:
               f"--gen-batch {max(1, cfg.gen_batch // 2)} or --gradient-checkpointing", file=sys.stderr)
         return 3
     except (ValueError, OSError) as e:
-        where = "" if _rank0() and os.environ.get("WORLD_SIZE", "1") == "1" else f" (rank {os.environ.get('RANK')})"
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         return 2
     return 0
