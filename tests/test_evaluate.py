@@ -1,4 +1,4 @@
-"""evaluate.py: verdict parsing, the HTTP judge against a real local server, resume after a kill, a tiny
+"""evaluate.py and judge.py: verdict parsing, the HTTP judge against a real local server, resume after a kill, a tiny
 local HF judge, generation with resume, the CME diagnostic, and the report's statistics (on the real
 AlpacaEval verdicts where ../shared has them, and against slow oracles everywhere)."""
 from __future__ import annotations
@@ -25,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import ROOT, SHARED
 
 import evaluate as E
+import judge as J
 
 VERDICTS_DIR = SHARED / "data" / "alpaca_eval" / "verdicts"
 
@@ -49,13 +50,13 @@ VERDICTS_DIR = SHARED / "data" / "alpaca_eval" / "verdicts"
     ("", None),
 ])
 def test_parse_verdict(answer, label):
-    assert E.parse_verdict(answer)[0] == label
+    assert J.parse_verdict(answer)[0] == label
 
 
 def test_justification_is_the_text_before_the_verdict():
-    assert E.parse_verdict("  A is concise and correct.\nVerdict: A\n") == ("A", "A is concise and correct.")
-    assert E.parse_verdict("Verdict: A\nOn reflection B.\n**Verdict:** B") == ("B", "Verdict: A\nOn reflection B.")
-    assert E.parse_verdict("No idea.\n") == (None, "No idea.")
+    assert J.parse_verdict("  A is concise and correct.\nVerdict: A\n") == ("A", "A is concise and correct.")
+    assert J.parse_verdict("Verdict: A\nOn reflection B.\n**Verdict:** B") == ("B", "Verdict: A\nOn reflection B.")
+    assert J.parse_verdict("No idea.\n") == (None, "No idea.")
 
 
 def test_candidate_verdict_follows_the_order():
@@ -76,7 +77,7 @@ def test_order_is_stable_across_processes_and_balanced():
 
 
 def test_judge_prompt_keeps_braces():
-    p = E.judge_prompt(E.JUDGE_TEMPLATE, "Write {x} in C", "int f() { return 1; }", "{response_a}")
+    p = J.judge_prompt(J.JUDGE_TEMPLATE, "Write {x} in C", "int f() { return 1; }", "{response_a}")
     assert "Write {x} in C" in p and "int f() { return 1; }" in p and p.count("{response_a}") == 1
 
 
@@ -88,14 +89,14 @@ def test_judge_prompt_keeps_braces():
 ])
 def test_bad_judge_specs(spec, error):
     with pytest.raises(ValueError, match=error):
-        E.JudgeSpec.parse(spec)
+        J.JudgeSpec.parse(spec)
 
 
 def test_judge_spec_sends_only_what_is_set():
-    s = E.JudgeSpec.parse("api:gpt-5.2?base=http://x/v1&key=MY_KEY&temperature=0&reasoning_effort=low&timeout=5")
+    s = J.JudgeSpec.parse("api:gpt-5.2?base=http://x/v1&key=MY_KEY&temperature=0&reasoning_effort=low&timeout=5")
     assert (s.model, s.name, s.params) == ("gpt-5.2", "gpt-5.2", {"temperature": 0, "reasoning_effort": "low"})
     assert s.options == {"base": "http://x/v1", "key": "MY_KEY", "timeout": 5}
-    assert E.JudgeSpec.parse("api:gpt-5.2").params == {}
+    assert J.JudgeSpec.parse("api:gpt-5.2").params == {}
 
 
 # --- a real chat-completions server on 127.0.0.1 -------------------------------------------------------
@@ -163,7 +164,7 @@ def server():
 
 def client(srv, **kw):
     kw = {"timeout": 5.0, "retries": 3, "backoff": 0.01, **kw}
-    return E.ChatClient(srv.base, "judge-model", **kw)
+    return J.ChatClient(srv.base, "judge-model", **kw)
 
 
 def test_http_429_then_success(server, monkeypatch):
@@ -187,7 +188,7 @@ def test_http_only_the_parameters_set_are_sent(server):
 
 def test_http_500_is_retried_then_fails(server):
     srv = server(lambda n, body: (500, {"error": "boom"}, 0, {}))
-    with pytest.raises(E.JudgeError, match="HTTP 500, still after 4 attempts"):
+    with pytest.raises(J.JudgeError, match="HTTP 500, still after 4 attempts"):
         client(srv, retries=3).complete([{"role": "user", "content": "hi"}])
     assert len(srv.calls) == 4
 
@@ -203,7 +204,7 @@ def test_http_malformed_body(server):
     assert client(srv).complete([{"role": "user", "content": "x"}]) == "Verdict: A"
     assert len(srv.calls) == 2
     srv2 = server(lambda n, body: (200, {"choices": []}, 0, {}))
-    with pytest.raises(E.JudgeError, match="malformed reply body"):
+    with pytest.raises(J.JudgeError, match="malformed reply body"):
         client(srv2, retries=2).complete([{"role": "user", "content": "x"}])
     assert len(srv2.calls) == 3
 
@@ -219,7 +220,7 @@ def test_http_client_errors_are_not_retried_and_never_show_the_key(server, monke
     monkeypatch.setenv("CME_TEST_KEY", "sk-test-secret-123")
     srv = server(lambda n, body: (400, {"error": {"message": "temperature is not supported; key sk-test-secret-123"}},
                                   0, {}))
-    with pytest.raises(E.JudgeError, match="HTTP 400") as e:
+    with pytest.raises(J.JudgeError, match="HTTP 400") as e:
         client(srv, key_env="CME_TEST_KEY").complete([{"role": "user", "content": "x"}])
     assert len(srv.calls) == 1 and "sk-test-secret-123" not in str(e.value) and "***" in str(e.value)
 
@@ -227,7 +228,7 @@ def test_http_client_errors_are_not_retried_and_never_show_the_key(server, monke
 def test_missing_key_variable_is_one_clear_line(monkeypatch):
     monkeypatch.delenv("CME_TEST_KEY_UNSET", raising=False)
     with pytest.raises(ValueError, match="environment variable CME_TEST_KEY_UNSET .* is not set"):
-        E.ChatClient("http://127.0.0.1:9/v1", "m", key_env="CME_TEST_KEY_UNSET")
+        J.ChatClient("http://127.0.0.1:9/v1", "m", key_env="CME_TEST_KEY_UNSET")
 
 
 # --- judge runs through the CLI: resume after a kill ---------------------------------------------------
@@ -476,6 +477,31 @@ def test_report_formats_parse(tmp_path):
     assert "| c | o | j1 | 62.5 |" in out["markdown"] and "62.5" in out["text"] and "Cohen's kappa" in out["text"]
 
 
+def test_report_plot_draws_every_win_rate_with_its_interval(tmp_path):
+    records = (synthetic("c", "o", "j1", [1.0, 0.0, 0.5, 1.0]) + synthetic("c", "o", "j2", [1.0, 1.0, 0.5, 0.0])
+               + synthetic("c", "base", "j1", [1.0, 1.0, 1.0, 0.0]))
+    report = E.compute_report(records, resamples=200)
+    bars = E.plot_win_rates(report, tmp_path / "wr.png")
+    drawn = {(b["candidate"], b["opponent"], b["judge"]): b for b in bars}
+    assert drawn.keys() == {(w["candidate"], w["opponent"], w["judge"]) for w in report["win_rates"]}
+    for w in report["win_rates"]:
+        b = drawn[(w["candidate"], w["opponent"], w["judge"])]
+        assert (b["win_rate"], b["ci_low"], b["ci_high"]) == (w["win_rate"], w["ci_low"], w["ci_high"])
+        assert b["ci_low"] <= b["win_rate"] <= b["ci_high"]
+    xs = [b["x"] for b in bars if b["opponent"] == "o"]  # one group: j1, j2 and their mean side by side
+    assert len(xs) == 3 and len(set(xs)) == 3 and max(xs) - min(xs) < 1
+    assert (tmp_path / "wr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    path = tmp_path / "j.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = subprocess.run([sys.executable, "evaluate.py", "report", str(path), "--plot", str(tmp_path / "cli.png")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "cli.png").stat().st_size > 0, r.stderr
+    r = subprocess.run([sys.executable, "evaluate.py", "report", str(path), "--plot", str(tmp_path / "x.pdf")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "name a .png file" in r.stderr
+
+
 def test_report_bad_input_is_one_line(tmp_path):
     good = '{"key": "k", "index": 0, "candidate": "c", "opponent": "o", "judge": "j", "verdict": "win"}\n'
     (tmp_path / "bad.jsonl").write_text(good + "not json\n" + good)
@@ -657,11 +683,11 @@ def test_local_hf_judge_end_to_end(built, tiny_outputs, tmp_path):
     for r in records[:4]:
         c, o = cand[r["index"]]["output"], opp[r["index"]]["output"]
         a, b = (o, c) if r["swapped"] else (c, o)
-        context = prompt_prefix(tok, E.judge_prompt(E.JUDGE_TEMPLATE, r["instruction"], a, b))
+        context = prompt_prefix(tok, J.judge_prompt(J.JUDGE_TEMPLATE, r["instruction"], a, b))
         context += (r["justification"] + "\n" if r["justification"] else "") + "Verdict:"
         ctx = tok(context, add_special_tokens=False).input_ids
         logps = []
-        for label in E.LABELS:
+        for label in J.LABELS:
             ids = tok(context + " " + label, add_special_tokens=False).input_ids
             assert ids[:len(ctx)] == ctx
             with torch.no_grad():
@@ -669,8 +695,8 @@ def test_local_hf_judge_end_to_end(built, tiny_outputs, tmp_path):
             logps.append(sum(float(logits[t - 1, ids[t]]) for t in range(len(ctx), len(ids))))
         p = np.exp(np.array(logps) - max(logps))
         p /= p.sum()
-        assert [r["probs"][lab] for lab in E.LABELS] == pytest.approx(p.tolist(), abs=1e-5)
-        assert r["verdict"] == E.candidate_verdict(E.LABELS[int(np.argmax(p))], r["swapped"])
+        assert [r["probs"][lab] for lab in J.LABELS] == pytest.approx(p.tolist(), abs=1e-5)
+        assert r["verdict"] == E.candidate_verdict(J.LABELS[int(np.argmax(p))], r["swapped"])
     assert multi_token_tie  # so the whole-continuation scoring is really exercised
 
     r = subprocess.run([sys.executable, "evaluate.py", "report", str(out)], cwd=ROOT, capture_output=True, text=True)

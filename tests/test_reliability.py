@@ -21,6 +21,7 @@ import torch
 from conftest import ROOT
 
 import evaluate as E
+import judge as J
 import train as T
 
 
@@ -111,7 +112,7 @@ def test_a_key_written_into_the_spec_is_never_printed(tmp_path, capfd):
         assert r.stderr.count("\n") == 1
     assert "the NAME of the environment variable" in r.stderr
     assert not (tmp_path / "j.jsonl").exists() or secret not in (tmp_path / "j.jsonl").read_text()
-    assert E.redact_spec("api:m?key=OPENAI_API_KEY&x=1") == "api:m?key=OPENAI_API_KEY&x=1"  # a name stays
+    assert J.redact_spec("api:m?key=OPENAI_API_KEY&x=1") == "api:m?key=OPENAI_API_KEY&x=1"  # a name stays
 
 
 def test_generate_bad_device_and_out_folder(built, tmp_path, capsys):
