@@ -200,8 +200,11 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | to
                    init: str = "pretrained", seed: int = 0, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a hub id or a local folder.
 
-    dtype: default bf16 on CUDA, fp32 on CPU. init: "pretrained" weights, or "random": the same
-    architecture with seeded random weights (the random-verifier control of Section 4).
+    dtype: default bf16 on CUDA, fp32 on CPU. init: "pretrained" weights; "random": the same
+    architecture with seeded random weights (the random-verifier control of Section 4); "uniform": the
+    same with its output layer zeroed, so every next-token distribution is uniform and every token
+    costs exactly log(vocabulary size): Eq. 1 then rewards a generator token only by how many verifier
+    tokens it covers (the pure-granularity control of `python train.py --demo`).
     Raises ValueError with one line when the name is neither a local folder nor a reachable hub id.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -210,14 +213,20 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | to
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if init == "random":
+        if init in ("random", "uniform"):
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            if init == "uniform":  # logits all 0 (a tied embedding is zeroed too: the logits still are)
+                with torch.no_grad():
+                    head = model.get_output_embeddings()
+                    head.weight.zero_()
+                    if getattr(head, "bias", None) is not None:
+                        head.bias.zero_()
         elif init == "pretrained":
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
-            raise ValueError(f"init must be 'pretrained' or 'random', not {init!r}")
+            raise ValueError(f"init must be 'pretrained', 'random' or 'uniform', not {init!r}")
     except OSError as e:
         raise ValueError(f"cannot load model {name!r}: not a local folder with a model, and not "
                          f"reachable on the Hugging Face hub ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,155 @@
+"""demo.py: the toy world's ground truth, the demo's claim measured against it, the real-model command."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import demo
+from conftest import real_model
+
+
+# --- the ground truth ---------------------------------------------------------------------------------
+
+def test_every_toy_sentence_is_grammatical_and_on_topic():
+    rng = random.Random(0)
+    pairs = [demo.toy_pair(rng, s) for s in demo.SUBJECTS for _ in range(20)]
+    gt = demo.ground_truth([p for p, _ in pairs], [r for _, r in pairs])
+    assert gt["grammatical"] == 1.0 and gt["on_topic"] == 1.0
+
+
+@pytest.mark.parametrize("response, grammatical, on_topic", [
+    ("the cat sees a tree today.", True, True),
+    ("the cat sees a tree today. the cat likes the moon.", True, True),
+    ("the cat sees a tree today. the dog likes the moon.", True, False),   # a second subject
+    ("the dog sees a tree today.", True, False),
+    ("the cat sees a tree today", False, True),                            # no full stop
+    ("the cat sees a tree today. ", True, True),                           # trailing space only
+    ("the cat the cat the cat", False, True),
+    ("sees a tree today.", False, False),                                  # no subject at all
+    ("the cat sees sees a tree.", False, True),
+    ("the cat sees a tree. extra", False, True),
+    ("", False, False),
+])
+def test_ground_truth_judges_single_responses(response, grammatical, on_topic):
+    gt = demo.ground_truth(["What does the cat do?"], [response])
+    assert gt["grammatical"] == float(grammatical) and gt["on_topic"] == float(on_topic)
+
+
+def test_distinct_n_counts_repeats_within_a_response():
+    words = "a bird bird bird".split()
+    assert demo.distinct(words, 1) == 2 / 4 and demo.distinct(words, 2) == 2 / 3
+    assert math.isnan(demo.distinct(["one"], 2))
+    gt = demo.ground_truth(["Describe a bird, please."] * 2, ["a bird bird bird", "a bird sees the moon."])
+    assert gt["distinct_1"] == pytest.approx((2 / 4 + 6 / 6) / 2) and gt["words"] == (4 + 6) / 2  # "." is a word
+
+
+def test_held_out_prompts_are_never_trained_on_and_cover_every_subject():
+    assert not set(demo.HELD_OUT) & set(demo.TRAIN_PROMPTS)
+    assert sorted(demo.HELD_OUT + demo.TRAIN_PROMPTS) == sorted(demo.PROMPTS)
+    assert {demo.prompt_subject(p) for p in demo.HELD_OUT} == set(demo.SUBJECTS)
+
+
+# --- the pure-granularity control -----------------------------------------------------------------------
+
+def test_uniform_verifier_costs_log_v_per_token_so_eq1_counts_covered_tokens(built):
+    """--verifier-init uniform: every verifier token costs log V, so Eq. 1 at a generator token is
+    -log V times the overlap-weighted count of verifier tokens it covers (a pure-granularity reward)."""
+    from reward import Verifier, encode_pair, load_causal_lm
+    from train import load_generator
+
+    vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu", init="uniform", seed=3)
+    verifier = Verifier(vmodel, vtok, mask_whitespace=False)
+    V = vmodel.get_output_embeddings().weight.shape[0]
+    text = "Hello there, 中文 ok"
+    pair = encode_pair(vtok, "Say hi", text)
+    np.testing.assert_allclose(verifier.logprobs([pair.ids], [pair.response])[0], -math.log(V), rtol=1e-6)
+
+    _, gtok, _, _ = load_generator(str(built["qwen2"]), torch.device("cpu"))
+    ids = gtok(text, add_special_tokens=False).input_ids
+    rewards, mask = verifier.token_rewards(["Say hi"], gtok, [ids])
+    covered = rewards[0, mask[0]].numpy() / -math.log(V)  # verifier tokens covered by each generator token
+    assert mask[0].all() and np.all(covered > 0)
+    assert covered.sum() == pytest.approx(len(pair.response), rel=1e-5)  # every verifier token counted once
+    assert len(set(np.round(covered, 4))) > 1  # the tokenizers differ: granularity varies along the text
+
+
+# --- the demo's claim, against the ground truth -------------------------------------------------------
+
+def test_demo_raises_the_ground_truth_over_the_base_and_both_controls(tmp_path):
+    """The demo's claim at its default settings (seed 0, 160 steps; about 75 s here), on 128 held-out
+    samples per row, measured by the toy world's grammar, which training never sees.
+
+    Margins, from seeds 0-4 (`python train.py --demo --seed S`): before training, 45-62% of responses
+    are grammatical and 30-39% on topic; a second sampling seed moves these by up to 8 points (the
+    standard error of a share near 50% is 4.4 points at n = 128). After CME-GRPO with the trained
+    verifier: 88-94% grammatical, 85-94% on topic, so gains of 26-44 and 53-64 points; both controls
+    end at 0-4% grammatical and 0-8% on topic. Required: gains of 20 and 35 points (over 4 standard
+    errors of a difference), and 50 points over each control.
+    """
+    from train import Config
+
+    r = demo.run_demo(Config(out=str(tmp_path / "demo"), seed=0))
+    before, after = r["before"], r["trained"]
+    assert after["grammatical"] - before["grammatical"] >= 0.20
+    assert after["on_topic"] - before["on_topic"] >= 0.35
+    for control in ("random", "uniform"):
+        assert after["grammatical"] - r[control]["grammatical"] >= 0.50
+        assert after["on_topic"] - r[control]["on_topic"] >= 0.50
+    assert after["cme"] < before["cme"] - 1.0  # the reward it optimised, on prompts it never saw
+    assert len(before["pairs"]) == 128 and (tmp_path / "demo" / "demo.png").stat().st_size > 0
+
+
+# --- the real-model command ------------------------------------------------------------------------------
+
+def test_real_command_runs_on_tiny_models_and_a_rerun_reuses_every_stage(built, tmp_path):
+    """`python demo.py real` end to end on the tiny local models (2 steps), then again: nothing retrains."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Say something about the number {i}.\n" for i in range(12)))
+    out = tmp_path / "real"
+    args = dict(gen=str(built["qwen2"]), verifier=str(built["gemma3"]), prompts=str(prompts), out=str(out),
+                held_out=4, steps=2, max_new_tokens=8, lr=1e-3)
+    r = demo.run_real(**args)
+    for name in ("before", "trained", "random"):
+        assert r[name]["truncated"] >= 0 and math.isfinite(r[name]["cme"])
+        assert len((out / f"{name}.outputs.jsonl").read_text().splitlines()) == 4
+    held = [json.loads(x)["instruction"] for x in (out / "held_out.jsonl").read_text().splitlines()]
+    trained_on = [json.loads(x)["instruction"] for x in (out / "train_prompts.jsonl").read_text().splitlines()]
+    assert len(held) == 4 and len(trained_on) == 8 and not set(held) & set(trained_on)
+    assert [s[0] for s in r["samples"]] == held[:3]
+    assert "| after CME-GRPO |" in (out / "report.md").read_text()
+    stamp = (out / "trained-verifier" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns
+    again = demo.run_real(**args)
+    assert (out / "trained-verifier" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["trained"] == r["trained"] and again["seconds_per_step"] == r["seconds_per_step"]
+
+
+def test_real_command_refuses_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    few = tmp_path / "few.txt"
+    few.write_text("one\ntwo\n")
+    for args, message in ((["--prompts", str(tmp_path / "nope.txt")], "prompt file not found"),
+                          (["--prompts", str(few), "--held-out", "4"], "2 distinct prompts; --held-out 4 needs"),
+                          (["--steps", "0"], "--steps 0 is too small"), (["--lr", "-1"], "--lr -1.0 must be")):
+        r = subprocess.run([sys.executable, "demo.py", "real", *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_real_command_on_the_real_small_models(tmp_path):
+    """Two steps of the documented command on SmolLM2-135M-Instruct + gemma-3-270m (a pipeline check)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Name one fact about the number {i}.\n" for i in range(8)))
+    r = demo.run_real(gen=str(real_model("smollm2-135m-instruct")), verifier=str(real_model("gemma-3-270m")),
+                      prompts=str(prompts), out=str(tmp_path / "real"), held_out=2, steps=1, group_size=2,
+                      prompts_per_step=1, max_new_tokens=12)
+    assert all(0 < r[n]["cme"] < 20 for n in ("before", "trained", "random"))
+    assert r["seconds_per_step"]["trained"]["step"] > 0
