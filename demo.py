@@ -211,6 +211,7 @@ def ground_truth(prompts: list[str], responses: list[str]) -> dict:
     grammatical: share of responses that are one or more sentences of the language, nothing else.
     on_topic: share whose subjects (at least one) are all the prompt's subject, grammatical or not.
     distinct_1, distinct_2: mean over responses of within-response distinct-n (1.0 = no word repeats).
+    unique: share of distinct responses among the N (mode collapse shows here, not in distinct-n).
     words: mean length in words.
     """
     grammatical = [GRAMMATICAL.fullmatch(r.strip()) is not None for r in responses]
@@ -221,6 +222,7 @@ def ground_truth(prompts: list[str], responses: list[str]) -> dict:
     words = [r.replace(".", " .").split() for r in responses]
     return {"grammatical": float(np.mean(grammatical)), "on_topic": float(np.mean(on_topic)),
             "distinct_1": mean_distinct(words, 1), "distinct_2": mean_distinct(words, 2),
+            "unique": len(set(responses)) / len(responses) if responses else float("nan"),
             "words": float(np.mean([len(w) for w in words]))}
 
 
@@ -296,7 +298,8 @@ RUNS = (("trained", "pretrained", "CME-GRPO, trained verifier"),
         ("random", "random", "control: random-weight verifier"),
         ("uniform", "uniform", "control: granularity only"))
 COLUMNS = (("cme", "CME", "{:6.2f}"), ("grammatical", "gramm.", "{:6.0%}"), ("on_topic", "topic", "{:6.0%}"),
-           ("distinct_1", "dist-1", "{:6.2f}"), ("distinct_2", "dist-2", "{:6.2f}"), ("words", "words", "{:6.1f}"))
+           ("distinct_1", "dist-1", "{:6.2f}"), ("distinct_2", "dist-2", "{:6.2f}"), ("unique", "unique", "{:6.0%}"),
+           ("words", "words", "{:6.1f}"))
 
 
 def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:

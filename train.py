@@ -2,7 +2,7 @@
 
     python train.py --gen Qwen/Qwen2.5-0.5B                    # the paper's setting (Appendix E)
     python train.py --gen DIR --verifier DIR --prompts FILE    # local models and prompts
-    python train.py --demo                                     # offline toy world, ~3 min on a CPU
+    python train.py --demo                                     # offline toy world and its ground truth, ~75 s on a CPU
 
 Each optimizer step: 16 prompts x G = 8 sampled responses (temperature 1, top-p 1, up to 2,048 new
 tokens); each response scored by the frozen verifier (Eq. 1 per token, or Eq. 3 per sequence);

@@ -46,6 +46,8 @@ def test_distinct_n_counts_repeats_within_a_response():
     assert math.isnan(demo.distinct(["one"], 2))
     gt = demo.ground_truth(["Describe a bird, please."] * 2, ["a bird bird bird", "a bird sees the moon."])
     assert gt["distinct_1"] == pytest.approx((2 / 4 + 6 / 6) / 2) and gt["words"] == (4 + 6) / 2  # "." is a word
+    assert gt["unique"] == 1.0 and demo.ground_truth(["Describe a bird, please."] * 3, ["a bird", "a bird", "x"])[
+        "unique"] == 2 / 3
 
 
 def test_held_out_prompts_are_never_trained_on_and_cover_every_subject():
