@@ -60,10 +60,11 @@ def test_table1_interrupted_and_rerun_gives_the_uninterrupted_table(built, four_
     assert manifest["stages"]["train-cme"]["config"]["max_steps"] == 3
     assert all("finished" in s for s in manifest["stages"].values())
 
-    # Interrupt once, mid-judging (Ctrl-C), then rerun the same command.
+    # Interrupt once, mid-judging (Ctrl-C), then rerun the same command. The file watched is one whose two
+    # models differ (the tiny CME run's outputs may all equal the base's: ties written without a call).
     proc = subprocess.Popen([sys.executable, "reproduce.py", *table1_args(built, four_prompts, eval_prompts, broken)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = broken / "judgments" / "cme_vs_base.jsonl"
+    first = broken / "judgments" / "instruct_vs_base.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (first.exists() and first.read_bytes().count(b"\n")):
         time.sleep(0.01)
