@@ -755,7 +755,7 @@ def plot_win_rates(report: dict, path: Path, title: str = "") -> list[dict]:
     judges = list(dict.fromkeys(r["judge"] for r in report["win_rates"]))
     cell = {(r["candidate"], r["opponent"], r["judge"]): r for r in report["win_rates"]}
     width, bars = 0.8 / len(judges), []
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 1.1 * len(groups) * max(1, len(judges)) * 0.6), 3.8))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 1.5 + (0.5 + 0.3 * len(judges)) * len(groups))), 3.8))
     for k, judge in enumerate(judges):
         xs, ys, err = [], [], [[], []]
         for g, (cand, opp) in enumerate(groups):
