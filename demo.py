@@ -551,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
             for flag in ("held_out", "steps", "group_size", "prompts_per_step", "max_new_tokens"):
                 if getattr(args, flag) < (2 if flag == "group_size" else 1):
                     raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is too small")
-            if not args.lr > 0:
-                raise ValueError(f"--lr {args.lr} must be positive")
+            if not (args.lr > 0 and np.isfinite(args.lr)):
+                raise ValueError(f"--lr {args.lr} must be a positive number")
             run_real(**{k: v for k, v in vars(args).items() if k != "command"})
     except ValueError as e:
         raise SystemExit(f"demo.py: {e}") from None

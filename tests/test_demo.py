@@ -141,7 +141,8 @@ def test_real_command_refuses_bad_input_in_one_line(tmp_path):
     few.write_text("one\ntwo\n")
     for args, message in ((["--prompts", str(tmp_path / "nope.txt")], "prompt file not found"),
                           (["--prompts", str(few), "--held-out", "4"], "2 distinct prompts; --held-out 4 needs"),
-                          (["--steps", "0"], "--steps 0 is too small"), (["--lr", "-1"], "--lr -1.0 must be")):
+                          (["--steps", "0"], "--steps 0 is too small"), (["--lr", "-1"], "--lr -1.0 must be"),
+                          (["--lr", "inf"], "--lr inf must be a positive number")):
         r = subprocess.run([sys.executable, "demo.py", "real", *args], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
