@@ -104,9 +104,8 @@ def train_stage(run: Path, name: str, cfg) -> Stage:
 
 
 def final_checkpoint(run: Path, name: str) -> str:
-    """The model a finished train stage produced (its path, for the generate stage)."""
-    done = run / "train" / name / "DONE"
-    return str(run / "train" / name / done.read_text().strip()) if done.exists() else str(run / "train" / name / "final")
+    """The model a finished train stage produced (its path, for the generate stage, which runs after it)."""
+    return str(run / "train" / name / (run / "train" / name / "DONE").read_text().strip())
 
 
 def planned_steps(cfg) -> int:
@@ -349,8 +348,8 @@ def write_results(run: Path, target: str, report: dict) -> list[Path]:
         path.write_text(format_report(report, fmt))
         written.append(path)
     if target == "figure3":  # Figure 3's layout: a group per verifier, a bar each vs Base and vs Instruct
-        judges = {r["judge"] for r in report["win_rates"]}
-        shown = next(j for j in sorted(judges, key=lambda j: not j.startswith("mean of")))  # the mean if any
+        judges = sorted({r["judge"] for r in report["win_rates"]})
+        shown = next((j for j in judges if j.startswith("mean of")), judges[0])  # the judges' mean if any
         bars = [dict(r, candidate=r["candidate"].removeprefix("cme-"), opponent="", judge=f"vs {r['opponent']}")
                 for r in report["win_rates"] if r["judge"] == shown]
         plot_win_rates({"win_rates": bars}, run / "figure3.png", f"CME-GRPO win rate by verifier ({shown})")
