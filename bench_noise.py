@@ -39,7 +39,7 @@ PROMPTS = ["Give three tips for staying healthy.", "What is the capital of Franc
 
 def sample_group(model, tok, stop, prompt: str, G: int, opening: int, new_tokens: int, seed: int):
     """G responses to `prompt` that share the greedy opening of `opening` tokens: (G lists of ids)."""
-    from train import Config, chat_prefix, sampling_config
+    from sampling import chat_prefix, sampling_config
 
     x = torch.tensor([tok(chat_prefix(tok, prompt), add_special_tokens=False).input_ids])
     with torch.no_grad():
@@ -48,9 +48,9 @@ def sample_group(model, tok, stop, prompt: str, G: int, opening: int, new_tokens
         head = head[~torch.isin(head, torch.tensor(stop))]  # an opening never ends the response
         y = torch.cat([x[0], head])[None].repeat(G, 1)
         torch.manual_seed(seed)
-        cfg = Config(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens)
         out = model.generate(input_ids=y, attention_mask=torch.ones_like(y),
-                             generation_config=sampling_config(cfg, stop, stop[0]))[:, x.shape[1]:]
+                             generation_config=sampling_config(stop, stop[0], temperature=1.0, top_p=1.0,
+                                                               max_new_tokens=new_tokens))[:, x.shape[1]:]
     rows = []
     for r in out.tolist():
         hit = next((k for k, t in enumerate(r) if k >= len(head) and t in stop), None)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     from grpo import per_position_advantages
     from reward import Verifier, load_causal_lm
-    from train import load_generator
+    from sampling import load_generator
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()

@@ -42,10 +42,10 @@ TOPICS = ["the water cycle", "binary search", "photosynthesis", "the French revo
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
     """A tiny Qwen2 generator (byte-level BPE, ChatML) and Gemma3 verifier (SentencePiece-style), as the tests use."""
-    import demo
+    from tiny import build_bytebpe, build_model, build_sentencepiece
     corpus = [f"Explain {t} in a few sentences. It is about {t}, and more." for t in TOPICS] * 10
-    gen = demo.build_model(folder / "gen", demo.build_bytebpe(folder / "gen_tok", corpus), "qwen2")
-    ver = demo.build_model(folder / "ver", demo.build_sentencepiece(folder / "ver_tok", corpus, gemma=True), "gemma3")
+    gen = build_model(folder / "gen", build_bytebpe(folder / "gen_tok", corpus), "qwen2")
+    ver = build_model(folder / "ver", build_sentencepiece(folder / "ver_tok", corpus, gemma=True), "gemma3")
     return gen, ver
 
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     import torch
 
     import train as T
+    from distributed import rank_device
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,14 +134,14 @@ def main(argv=None) -> int:
     tokens = mean["len_mean"] * pps * args.group_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"\nCME-GRPO step: {pps} prompts x G = {args.group_size}, up to {new} new tokens, {world} rank(s), "
-          f"device {T._device(cfg).type}, cache {args.cache}, rollouts {args.rollout_dtype}")
+          f"device {rank_device(cfg.device).type}, cache {args.cache}, rollouts {args.rollout_dtype}")
     print(f"generator {gen}\nverifier  {ver}\nmean over {len(measured)} steps after {args.warmup} warm-up; "
           f"{tokens:.0f} response tokens per step\n")
     print(f"{'phase':<10}{'s/step':>10}{'share':>9}{'tokens/s':>12}")
     for label, key in (("generate", "time_gen"), ("score", "time_score"), ("update", "time_update"),
                        ("step", "step_time")):
         print(f"{label:<10}{mean[key]:>10.2f}{100 * mean[key] / mean['step_time']:>8.1f}%{tokens / mean[key]:>12.0f}")
-    if torch.cuda.is_available() and T._device(cfg).type == "cuda":
+    if torch.cuda.is_available() and rank_device(cfg.device).type == "cuda":
         print(f"\npeak GPU memory allocated: {max(m['peak_mem_gb'] for m in measured):.2f} GiB")
     else:
         print(f"\npeak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

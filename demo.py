@@ -1,7 +1,8 @@
-"""The offline toy world of `python train.py --demo`: CME-GRPO in miniature, judged by ground truth.
+"""The offline toy world: CME-GRPO in miniature, judged by ground truth; and CME-GRPO on real small
+models on a laptop.
 
-    python train.py --demo            # about 75 s on 2 CPU cores
-    python train.py --demo --seed 1   # another world
+    python demo.py                    # the toy world, about 75 s on 2 CPU cores
+    python demo.py --seed 1           # another world
     python demo.py real               # real small models (SmolLM2-135M-Instruct, gemma-3-270m-it)
 
 1. A small synthetic language: prompts ask about a subject in four phrasings ("What does the cat
@@ -23,118 +24,29 @@
    the ground truth is the claim in miniature; the drift it also shows (shorter answers, more
    repeated words) is the one the paper's Limitations section names. Curves go to demo.png.
 
-The builders below (tokenizers trained with `tokenizers`, tiny random-init models) are also what the
-tests use; every artefact is saved with save_pretrained and loaded back with from_pretrained.
+`python demo.py real` runs the same comparison (CME-GRPO against the random-verifier control) on real
+models with prompts split into training and held-out parts, and reports what can be checked without a
+judge (`response_stats`). The tokenizer and model builders are tiny.py's.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# --- tokenizer and model builders --------------------------------------------------------------------
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
-         "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
-         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-
-
-def build_bytebpe(path: Path, corpus: list[str], vocab_size: int = 600) -> Path:
-    """Byte-level BPE (Qwen/GPT-2 style) with a ChatML template and a non-special added token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens(["<tool_call>"])  # added, not special: ordinary text
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   clean_up_tokenization_spaces=False)
-    fast.chat_template = CHATML
-    fast.save_pretrained(path)
-    return path
-
-
-def build_sentencepiece(path: Path, corpus: list[str], gemma: bool, vocab_size: int = 500) -> Path:
-    """SentencePiece-style BPE with byte fallback: Gemma-like (no dummy prefix, no Strip, chat
-    template) or Llama-2-like (dummy prefix, Strip of one leading space on decode, no template)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    trainer_tok = Tokenizer(models.BPE())
-    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
-    trainer_tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    trainer_tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=120,
-                                                                show_progress=False))
-    learned = json.loads(trainer_tok.to_str())["model"]
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for t in sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(t, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    if gemma:
-        tok.normalizer = normalizers.Replace(" ", "\u2581")
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-        tok.add_special_tokens(specials + ["<start_of_turn>", "<end_of_turn>"])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<end_of_turn>",
-                                       pad_token="<pad>", unk_token="<unk>", clean_up_tokenization_spaces=False)
-        fast.chat_template = GEMMA
-    else:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        tok.add_special_tokens(specials)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>", clean_up_tokenization_spaces=False)
-    fast.save_pretrained(path)
-    return path
-
-
-def build_model(path: Path, tokenizer_path: Path, family: str, seed: int = 0, extra_rows: int = 13,
-                hidden: int = 32, layers: int = 2, head_init: float = 0.5) -> Path:
-    """A tiny random-init causal LM of `family` (qwen2 | gemma3 | llama) with the tokenizer at
-    tokenizer_path, saved to path. The embedding has `extra_rows` rows past the tokenizer (as Qwen2.5
-    has); the output layer is initialised with std `head_init` so log-probabilities vary visibly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    common = dict(vocab_size=len(tok) + extra_rows, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
-    if family == "qwen2":
-        from transformers import Qwen2Config
-        config = Qwen2Config(**common)
-    elif family == "gemma3":
-        from transformers import Gemma3TextConfig
-        config = Gemma3TextConfig(**common, head_dim=hidden // 4, sliding_window=16, final_logit_softcapping=30.0)
-    elif family == "llama":
-        from transformers import LlamaConfig
-        config = LlamaConfig(**common)
-    else:
-        raise ValueError(f"unknown family {family!r}")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    if head_init:
-        with torch.no_grad():
-            model.get_output_embeddings().weight.normal_(0, head_init)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
+from evaluate import run_generate
+from prompts import load_eval_prompts, read_prompt_file
+from records import read_jsonl
+from reward import Verifier, load_causal_lm
+from sampling import chat_prefix, load_generator, sample
+from tiny import build_bytebpe, build_model, build_sentencepiece
+from train import Config, train
 
 # --- the toy language --------------------------------------------------------------------------------
 
@@ -230,8 +142,6 @@ def train_lm(path: Path, make_pair, seed: int, steps: int = 300, lr: float = 3e-
     """Next-token training on (prompt, response + EOS) pairs after the chat template, loss on responses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train import chat_prefix
-
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rng = random.Random(seed)
@@ -262,13 +172,10 @@ def held_out(model_path: Path, verifier, seed: int, samples: int = 8, max_new_to
 
     Returns ground_truth(...) plus "cme" (mean Eq. 3 CME under `verifier`, nats/token), "cme_each"
     ((N,) float64), "truncated" (share without EOS) and "pairs" (the N (prompt, response) pairs)."""
-    from train import Config, generate, load_generator
-
     device = torch.device("cpu")
     model, tok, _, eos_ids = load_generator(str(model_path), device)
     torch.manual_seed(seed)
-    cfg = Config(group_size=samples, max_new_tokens=max_new_tokens, gen_batch=256)
-    rollout = generate(model, tok, HELD_OUT, cfg, eos_ids, device)
+    rollout = sample(model, tok, HELD_OUT, samples, eos_ids, device, max_new_tokens=max_new_tokens, batch_size=256)
     cme = verifier.sequence_cme(rollout.prompts, rollout.texts)
     return {**ground_truth(rollout.prompts, rollout.texts), "cme": float(np.nanmean(cme)), "cme_each": cme,
             "truncated": float(rollout.truncated.float().mean()), "pairs": list(zip(rollout.prompts, rollout.texts))}
@@ -310,9 +217,6 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     held_out(...) dict of that generator (before training; before, another sampling seed; after each
     run), plus "<run>_curve": the run's per-step mean CME of its rollouts under the trained verifier.
     """
-    from reward import Verifier, load_causal_lm
-    from train import Config, train
-
     out = Path(cfg.out if cfg.out != Config.out else "runs/demo")
     steps = steps or cfg.max_steps or DEMO_STEPS
     seed = cfg.seed
@@ -324,7 +228,7 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     results = {"before": held_out(world / "generator", judge, seed),
                "resampled": held_out(world / "generator", judge, seed + 1000)}  # sampling noise alone
 
-    base = replace(cfg, demo=False, gen=str(world / "generator"), verifier=str(world / "verifier"),
+    base = replace(cfg, gen=str(world / "generator"), verifier=str(world / "verifier"),
                    prompts=str(train_prompts), reward="token", group_size=8, prompts_per_step=4, micro_batch=32,
                    gen_batch=256, max_new_tokens=32, lr=lr, warmup_steps=2, epochs=-(-steps // 3),
                    max_steps=steps, sample_every=0, save_every=10 ** 9, device="cpu", resume=False)
@@ -410,16 +314,13 @@ def split_prompts(source: str, held_out: int, seed: int, field: str = "instructi
 
     source: "alpaca_eval" (the 805 AlpacaEval instructions, from the hub) or a local .jsonl / .json /
     .txt file (train.py's formats; `field` names the prompt in JSON objects)."""
-    from evaluate import load_eval_prompts
-    from train import _read_prompt_file
-
     if source == "alpaca_eval":
         raw = [r["instruction"] for r in load_eval_prompts(source)]
     else:
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"prompt file not found: {path}")
-        raw = _read_prompt_file(path, field)
+        raw = read_prompt_file(path, field)
     prompts = list(dict.fromkeys(p.strip() for p in raw if p and p.strip()))
     random.Random(seed).shuffle(prompts)
     if len(prompts) < held_out + 2:
@@ -443,10 +344,6 @@ def run_real(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, prompts: str = 
     Returns {"before"|"trained"|"random": response_stats(...) of that generator's greedy outputs,
     "samples": three (prompt, before, after) triples, "seconds_per_step": {"trained", "random"}}.
     """
-    from evaluate import read_jsonl, run_generate
-    from reward import Verifier, load_causal_lm
-    from train import Config, train
-
     if precision == "auto":
         precision = "bf16" if device != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     out = Path(out)
@@ -518,14 +415,14 @@ def real_table(results: dict, verifier: str, n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from train import Config
-
-    ap = argparse.ArgumentParser(description="The toy world (`toy`, as `python train.py --demo`), or CME-GRPO on "
-                                             "real small models with a before/after table (`real`).")
+    ap = argparse.ArgumentParser(description="The offline toy world (`toy`, the default), or CME-GRPO on real small "
+                                             "models with a before/after table (`real`).")
     sub = ap.add_subparsers(dest="command", required=True)
     toy = sub.add_parser("toy", help="the offline toy world")
-    toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--out", default="runs/demo")
+    toy.add_argument("--seed", type=int, default=0,
+                     help="seed of the world, its models and the runs (default %(default)s)")
+    toy.add_argument("--out", default="runs/demo", help="run folder (default %(default)s)")
+    toy.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps of each run (default %(default)s)")
     real = sub.add_parser("real", help="real models, prompts split into training and held-out parts")
     real.add_argument("--gen", default=REAL_GEN, help="generator: hub id or local folder (default %(default)s)")
     real.add_argument("--verifier", default=REAL_VERIFIER, help="verifier: hub id or local folder (default %(default)s)")
@@ -543,10 +440,15 @@ def main(argv: list[str] | None = None) -> None:
     real.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                       help="rollouts and verifier: bf16 where the hardware has it natively (auto), or forced "
                            "(the update is always fp32; default %(default)s)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["toy", *argv]  # `python demo.py [--seed S]` is the toy world
     args = ap.parse_args(argv)
     try:
         if args.command == "toy":
-            run_demo(Config(seed=args.seed, out=args.out))
+            if args.steps < 1:
+                raise ValueError(f"--steps {args.steps} is too small")
+            run_demo(Config(seed=args.seed, out=args.out, max_steps=args.steps))
         else:
             for flag in ("held_out", "steps", "group_size", "prompts_per_step", "max_new_tokens"):
                 if getattr(args, flag) < (2 if flag == "group_size" else 1):

@@ -1,5 +1,5 @@
-"""Evaluation of CME-GRPO on AlpacaEval 2.0 prompts: generation, pairwise LLM-as-judge, win rates
-(Section 3, Appendix E) and the CME diagnostic of Figure 1.
+"""Evaluation of CME-GRPO on AlpacaEval 2.0 prompts (Section 3, Appendix E): greedy outputs of each
+model, pairwise LLM-as-judge comparisons, and the commands that report on them.
 
     python evaluate.py generate --model runs/cme-grpo/checkpoint-40 --out outputs/cme.jsonl
     python evaluate.py judge outputs/cme.jsonl outputs/base.jsonl --judge api:gpt-5.2 \\
@@ -12,239 +12,37 @@
 The paper's protocol (Appendix E): greedy responses of each model to the 805 AlpacaEval prompts;
 five pairwise judgments per prompt with randomised A/B order by each of two judges; the tie-adjusted
 win rate (wins + ties/2) / N over N = 805 prompts; each Table 1 cell the mean of the two judges.
+Here: the generation runs and judging runs, resumable line by line. Where the rest lives:
+greedy decoding is sampling.py's, the judge itself (its prompt, its verdict, the API and local
+backends) judge.py's, win rates and the report report.py's, the CME diagnostic of Figure 1 cme.py's.
 Readings of, and additions to, the paper:
   1. Greedy means greedy: do_sample off and none of the checkpoint's generation_config processors
      (Qwen2.5-Instruct ships a repetition penalty of 1.05); prompts go through the model's chat template
      (`bos_token + "User: {prompt}\\nAssistant: "` without one, as in training).
-  2. The judge itself (its prompt, reading its verdict, the API and local backends) is judge.py's.
-  3. A/B order is a function of (seed, replicate, instruction) through SHA-256, so a rerun, another
+  2. A/B order is a function of (seed, replicate, instruction) through SHA-256, so a rerun, another
      machine or another Python gives the same order (Python's hash() is salted per process).
-  4. Replicates: a prompt's score is the mean over its replicates of win 1, tie 1/2, loss 0; the win
-     rate is the mean over prompts, so N counts prompts. A judgment whose answer has no verdict after
-     `--verdict-tries` attempts is recorded as an error and left out of N; a prompt with only errors
-     is left out.
-  5. Statistics the paper does not report: 95% bootstrap intervals over prompts (replicates of a
-     prompt resampled together), agreement between judges (raw and Cohen's kappa on per-prompt
-     majority verdicts), position bias and length.
+  3. A judgment whose answer has no verdict after `--verdict-tries` attempts is recorded as an error
+     (report.py leaves it out of N). Identical outputs are a tie without a call.
 
 Shape letters: N prompts, R replicates, J judges.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
-import math
-import re
 import sys
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
-
-from judge import JUDGE_TEMPLATE, Answer, JudgeError, JudgeSpec, _one_line, judge_prompt, make_judge
-
-ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
-ALPACA_EVAL_FILE = "alpaca_eval.json"
-SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-VERDICTS = ("win", "tie", "loss", "error")
-# --- files ---------------------------------------------------------------------------------------------
-
-def read_jsonl(path: str | Path, partial_tail_ok: bool = False) -> list[dict]:
-    """JSON objects of a .jsonl (or .jsonl.gz) file, one per non-blank line.
-
-    partial_tail_ok: skip a last line cut off mid-write (no trailing newline, not valid JSON), as an
-    interrupted run leaves it. Raises ValueError naming the file and line of anything malformed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (UnicodeDecodeError, OSError, EOFError) as e:  # a binary file, a broken .gz
-        raise ValueError(f"{path}: cannot read it as UTF-8 JSON lines ({_one_line(e)[:80]})") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if partial_tail_ok and n == len(lines):
-                print(f"note: skipped the unfinished last line {n} of {path} (an interrupted write)",
-                      file=sys.stderr)
-                continue
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        out.append(obj)
-    return out
-
-
-def open_for_append(path: Path):
-    """Open a JSONL file to append records, first cutting off a line an interrupted write left unfinished."""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; name a .jsonl file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-            print(f"note: dropped an unfinished last line of {path} (an interrupted write)", file=sys.stderr)
-    return open(path, "a", encoding="utf-8")
-
-
-def write_record(f, record: dict) -> None:
-    """Append one record as a JSON line and flush it, so that a killed run loses nothing written."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-
-
-def read_json_list(path: Path) -> list:
-    """The list held by a .json file (AlpacaEval's format), with the file and line of a syntax error."""
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of objects")
-    return rows
-
-
-def read_template(path: Path) -> str:
-    """A judge prompt template file, or one line naming it."""
-    if not path.is_file():
-        raise ValueError(f"template file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
-
-
-# --- prompts and outputs -------------------------------------------------------------------------------
-
-def load_eval_prompts(source: str = "alpaca_eval") -> list[dict]:
-    """The evaluation prompts as [{index, instruction}], in file order.
-
-    source: "alpaca_eval" (the file alpaca_eval.json of the hub dataset repo tatsu-lab/alpaca_eval,
-    fetched with huggingface_hub: its loading script no longer runs under datasets >= 4), or a local
-    .jsonl / .json file of objects with an "instruction" field (an "index" field is kept if present,
-    else the position is the index).
-    """
-    if source == "alpaca_eval":
-        from huggingface_hub import hf_hub_download
-        try:
-            path = hf_hub_download(ALPACA_EVAL_REPO, ALPACA_EVAL_FILE, repo_type="dataset")
-        except Exception as e:  # noqa: BLE001  (offline, auth and HTTP errors come in many types)
-            raise ValueError(f"cannot fetch {ALPACA_EVAL_FILE} of {ALPACA_EVAL_REPO} from the Hugging Face "
-                             f"hub ({_one_line(e)}); pass a local file with --prompts") from None
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    else:
-        path = Path(source)
-        if path.suffix == ".json":
-            rows = read_json_list(path)
-        elif path.suffix in (".jsonl", ".gz"):
-            rows = read_jsonl(path)
-        else:
-            raise ValueError(f"--prompts must be 'alpaca_eval' or a .jsonl / .json file, not {source!r}")
-    out, seen = [], set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{source}: item {i} has no string 'instruction' field")
-        index = row.get("index", i)
-        if not isinstance(index, int) or index in seen:
-            raise ValueError(f"{source}: item {i} has a missing or repeated integer 'index' ({index!r})")
-        seen.add(index)
-        out.append({"index": index, "instruction": row["instruction"]})
-    return out
-
-
-def read_outputs(path: str | Path) -> dict[int, dict]:
-    """A model's outputs file (what `generate` writes; AlpacaEval's .json lists work too) as index -> record.
-
-    Every record has index (the position for a .json list), instruction, output and generator (the
-    file's name when absent).
-    """
-    path = Path(path)
-    if path.suffix == ".json":
-        rows = [dict(r, index=r.get("index", i)) if isinstance(r, dict) else {}
-                for i, r in enumerate(read_json_list(path))]
-    else:
-        rows = read_jsonl(path, partial_tail_ok=True)
-    name = path.name.split(".")[0]
-    out = {}
-    for n, r in enumerate(rows, 1):
-        if not isinstance(r.get("index"), int) or not isinstance(r.get("instruction"), str) \
-                or not isinstance(r.get("output"), str):
-            raise ValueError(f"{path}: record {n} needs an integer 'index' and string 'instruction' and 'output'")
-        out[r["index"]] = {"index": r["index"], "instruction": r["instruction"], "output": r["output"],
-                           "generator": str(r.get("generator") or name)}
-    if not out:
-        raise ValueError(f"{path}: no outputs")
-    return out
+from judge import JUDGE_TEMPLATE, Answer, JudgeError, JudgeSpec, judge_prompt, make_judge
+from prompts import load_eval_prompts
+from records import open_for_append, read_jsonl, read_outputs, write_record
+from report import compute_report, format_report, load_judgments, parse_table1, plot_win_rates
 
 
 # --- generate ------------------------------------------------------------------------------------------
-
-def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, eos_ids: list[int],
-                    batch_size: int = 8, progress: bool = False, system_prompt: str | None = None
-                    ) -> Iterator[list[dict]]:
-    """Greedy responses to user prompts, a batch at a time (yields per batch, for writing as it goes).
-
-    prompts: strings, each rendered with the model's chat template (reward.PLAIN_TEMPLATE without one).
-    eos_ids: the stop ids (train.stop_token_ids: EOS and the template's turn end).
-    system_prompt: as train.chat_prefix (None: the template's own default).
-    Prompts are processed longest first (little left padding per batch). Yields, per batch, dicts
-    {position (in prompts), output (text before EOS), tokens (generated ids before EOS), truncated
-    (no EOS within max_new_tokens)}.
-    """
-    import torch
-    from transformers import GenerationConfig
-    from align import decode_response, token_bytes
-    from train import _autocast, chat_prefix, left_pad
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
-                              pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0)
-    ids = [tokenizer(chat_prefix(tokenizer, p, system_prompt), add_special_tokens=False).input_ids for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
-    model.eval()
-    eos = torch.tensor(eos_ids)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        x, attn = left_pad([ids[i] for i in batch], pad, device)
-        P = x.shape[1]
-        with torch.no_grad(), _autocast(device):  # bf16 autocast on CUDA
-            out = model.generate(input_ids=x, attention_mask=attn, generation_config=config)
-        results = []
-        for row, i in enumerate(batch):
-            r = out[row, P:].cpu()
-            hits = torch.isin(r, eos).nonzero()
-            n = int(hits[0]) if len(hits) else r.shape[0]
-            text = decode_response(token_bytes(tokenizer, r[:n].numpy())).text
-            results.append({"position": i, "output": text, "tokens": n, "truncated": not len(hits)})
-        if bar:
-            bar.update(len(batch))
-        yield results
-    if bar:
-        bar.close()
-
 
 def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval", max_new_tokens: int = 2048,
                  batch_size: int = 8, name: str | None = None, limit: int | None = None,
@@ -254,7 +52,7 @@ def run_generate(model_name: str, out: Path, prompts_source: str = "alpaca_eval"
     Each line: {index, instruction, output, generator, tokens (generated tokens before EOS),
     truncated (no EOS within max_new_tokens), max_new_tokens, system_prompt (null: the template's own)}.
     """
-    from train import load_generator
+    from sampling import greedy_generate, load_generator  # torch loads here, not for report or judge
 
     name = name or model_name
     prompts = load_eval_prompts(prompts_source)[:limit]
@@ -293,7 +91,7 @@ def check_context(model, tokenizer, prompts: Sequence[str], indices: Sequence[in
                   system_prompt: str | None = None) -> None:
     """Refuse, before any work, prompts that with --max-new-tokens do not fit the model's context (an
     evaluation must not silently drop prompts: N would change)."""
-    from train import rendered_lengths
+    from sampling import rendered_lengths
 
     context, lengths = rendered_lengths(model, tokenizer, list(prompts), max_new_tokens, system_prompt, who="model")
     long = [i for i, n in zip(indices, lengths) if context is not None and n + max_new_tokens > context]
@@ -471,440 +269,17 @@ def run_convert(annotations: Sequence[Path], out: Path) -> int:
     return len(new)
 
 
-# --- report: statistics --------------------------------------------------------------------------------
-
-def bootstrap_ci(scores: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-prompt scores: (N,) float -> (low, high).
-
-    Resampling prompts (not judgments) keeps a prompt's replicates together: each prompt enters with
-    the mean of its replicates. Fixed seed: the same data give the same interval.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # 1,000 resamples at a time: (1000, N) indices, a few MB
-        k = min(1000, resamples - start)
-        means[start:start + k] = scores[rng.integers(0, len(scores), (k, len(scores)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def majority_verdict(verdicts: Sequence[str]) -> str:
-    """The most frequent of a prompt's win/tie/loss verdicts; when two are equally frequent, the sign
-    of the tie-adjusted score decides (above 1/2 win, below loss, else tie)."""
-    counts = Counter(v for v in verdicts if v in SCORE).most_common()
-    if not counts:
-        raise ValueError("no valid verdict")
-    if len(counts) == 1 or counts[0][1] > counts[1][1]:
-        return counts[0][0]
-    score = np.mean([SCORE[v] for v in verdicts if v in SCORE])
-    return "win" if score > 0.5 else "loss" if score < 0.5 else "tie"
-
-
-def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
-    """Cohen's kappa of two raters' labels over the same items: (p_o - p_e) / (1 - p_e); NaN when p_e = 1."""
-    n = len(a)
-    if n == 0:
-        return math.nan
-    p_o = sum(x == y for x, y in zip(a, b)) / n
-    ca, cb = Counter(a), Counter(b)
-    p_e = sum(ca[k] * cb[k] for k in ca) / n ** 2
-    return math.nan if p_e == 1 else (p_o - p_e) / (1 - p_e)
-
-
-def load_judgments(paths: Sequence[str | Path]) -> list[dict]:
-    """Judgment records of several files (or folders of *.jsonl), each key once (the first one read)."""
-    files = []
-    for p in map(Path, paths):
-        files.extend(sorted(p.glob("*.jsonl*")) if p.is_dir() else [p])
-    records, seen = [], set()
-    for path in files:
-        for n, r in enumerate(read_jsonl(path, partial_tail_ok=True), 1):
-            missing = [k for k in ("key", "index", "candidate", "opponent", "judge", "verdict") if k not in r]
-            if missing or r["verdict"] not in VERDICTS:
-                raise ValueError(f"{path}: record {n} is not a judgment (missing {missing or 'a valid verdict'})")
-            if r["key"] not in seen:
-                seen.add(r["key"])
-                records.append(r)
-    if not records:
-        raise ValueError("no judgments in " + ", ".join(map(str, paths)))
-    return records
-
-
-def prompt_scores(records: Sequence[dict]) -> dict[int, float]:
-    """index -> mean over the prompt's valid replicates of win 1 / tie 1/2 / loss 0 (errors left out)."""
-    per = defaultdict(list)
-    for r in records:
-        if r["verdict"] in SCORE:
-            per[r["index"]].append(SCORE[r["verdict"]])
-    return {i: float(np.mean(v)) for i, v in per.items()}
-
-
-def side_stats(records: Sequence[dict]) -> dict:
-    """Position bias and length, over one group's records.
-
-    first_wins: share of decisive judgments (win or loss, judge asked, A/B order known) won by the
-    response shown first (A). chars_candidate / chars_opponent: mean characters per prompt.
-    longer_wins: share of decisive judgments with outputs of different lengths won by the longer one.
-    """
-    shown = [r for r in records if r["verdict"] in ("win", "loss") and r.get("swapped") is not None
-             and r.get("raw") is not None]
-    first = [(r["verdict"] == "win") != bool(r["swapped"]) for r in shown]
-    lengths = {r["index"]: (r["len_candidate"], r["len_opponent"]) for r in records if "len_candidate" in r}
-    unequal = [r for r in records if r["verdict"] in ("win", "loss") and "len_candidate" in r
-               and r["len_candidate"] != r["len_opponent"]]
-    longer = [(r["verdict"] == "win") == (r["len_candidate"] > r["len_opponent"]) for r in unequal]
-    return {"first_wins": 100 * float(np.mean(first)) if first else None, "first_n": len(first),
-            "chars_candidate": float(np.mean([c for c, _ in lengths.values()])) if lengths else None,
-            "chars_opponent": float(np.mean([o for _, o in lengths.values()])) if lengths else None,
-            "longer_wins": 100 * float(np.mean(longer)) if longer else None, "longer_n": len(longer)}
-
-
-def win_rate_row(records: Sequence[dict], resamples: int, seed: int, scores: dict[int, float] | None = None) -> dict:
-    """Tie-adjusted win rate in percent with its bootstrap interval, N, errors, position and length stats."""
-    scores = prompt_scores(records) if scores is None else scores
-    values = np.array([scores[i] for i in sorted(scores)])
-    low, high = bootstrap_ci(values, resamples, seed)
-    return {"win_rate": 100 * float(values.mean()) if len(values) else math.nan,
-            "ci_low": 100 * low, "ci_high": 100 * high, "n": len(values),
-            "errors": sum(r["verdict"] == "error" for r in records), **side_stats(records)}
-
-
-def compute_report(records: Sequence[dict], resamples: int = 10_000, seed: int = 0,
-                   table1: Sequence[dict] = ()) -> dict:
-    """Everything `report` prints, as plain data: {"win_rates": [...], "agreement": [...], "table1": [...]}."""
-    groups = defaultdict(list)
-    for r in records:
-        groups[(r["candidate"], r["opponent"], r["judge"])].append(r)
-    win_rates, agreement, pairs = [], [], defaultdict(list)
-    for cand, opp, judge in sorted(groups):
-        pairs[(cand, opp)].append(judge)
-    for (cand, opp), judges in pairs.items():
-        for judge in judges:
-            win_rates.append({"candidate": cand, "opponent": opp, "judge": judge,
-                              **win_rate_row(groups[(cand, opp, judge)], resamples, seed)})
-        if len(judges) < 2:
-            continue
-        scores = {j: prompt_scores(groups[(cand, opp, j)]) for j in judges}
-        common = sorted(set.intersection(*(set(s) for s in scores.values())))
-        mean = {i: float(np.mean([scores[j][i] for j in judges])) for i in common}  # per-prompt mean over judges
-        recs = [r for j in judges for r in groups[(cand, opp, j)]]
-        row = win_rate_row(recs, resamples, seed, mean)
-        win_rates.append({"candidate": cand, "opponent": opp, "judge": f"mean of {len(judges)} judges", **row})
-        majority = {}
-        for j in judges:
-            per = defaultdict(list)
-            for r in groups[(cand, opp, j)]:
-                per[r["index"]].append(r["verdict"])
-            majority[j] = {i: majority_verdict(per[i]) for i in common}
-        for a_i, a in enumerate(judges):
-            for b in judges[a_i + 1:]:
-                va, vb = [majority[a][i] for i in common], [majority[b][i] for i in common]
-                agreement.append({"candidate": cand, "opponent": opp, "judge_1": a, "judge_2": b, "n": len(common),
-                                  "agreement": 100 * float(np.mean([x == y for x, y in zip(va, vb)])) if common
-                                  else math.nan, "kappa": cohen_kappa(va, vb)})
-    return {"win_rates": win_rates, "agreement": agreement,
-            "table1": [table1_row(spec, win_rates) for spec in table1]}
-
-
-TABLE1_COLUMNS = [("instruct", "base", "Instruct vs Base"), ("cme", "base", "CME vs Base"),
-                  ("cme", "instruct", "CME vs Instruct"), ("base", "ref", "Base vs Ref"),
-                  ("cme", "ref", "CME vs Ref"), ("instruct", "ref", "Instruct vs Ref")]
-
-
-def _cell(win_rates: Sequence[dict], a: str, b: str) -> dict | None:
-    """Win rate of model a against model b, from a-vs-b rows or flipped from b-vs-a rows; the mean over
-    judges where there are several."""
-    def pick(cand, opp):
-        rows = [r for r in win_rates if r["candidate"] == cand and r["opponent"] == opp]
-        mean = [r for r in rows if r["judge"].startswith("mean of")]
-        return mean[0] if mean else rows[0] if rows else None
-    row = pick(a, b)
-    if row:
-        return {"win_rate": row["win_rate"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "n": row["n"]}
-    row = pick(b, a)
-    if row:
-        return {"win_rate": 100 - row["win_rate"], "ci_low": 100 - row["ci_high"], "ci_high": 100 - row["ci_low"],
-                "n": row["n"]}
-    return None
-
-
-def parse_table1(spec: str) -> dict:
-    """ "label=Qwen2.5-0.5B,cme=NAME,base=NAME,instruct=NAME,ref=NAME[,start=base|instruct]" -> dict."""
-    try:
-        d = dict(part.split("=", 1) for part in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--table1 {spec!r}: expected comma-separated key=value pairs") from None
-    unknown = set(d) - {"label", "cme", "base", "instruct", "ref", "start"}
-    if unknown or "cme" not in d:
-        raise ValueError(f"--table1 {spec!r}: needs cme=NAME; known keys label, cme, base, instruct, ref, start")
-    d.setdefault("start", "base")
-    d.setdefault("label", d["cme"])
-    if d["start"] not in ("base", "instruct"):
-        raise ValueError(f"--table1 {spec!r}: start must be base or instruct")
-    return d
-
-
-def table1_row(spec: dict, win_rates: Sequence[dict]) -> dict:
-    """One Table-1 row: the six comparisons (mean over judges where several), and Delta = CME vs X
-    minus start vs X in the vs-Base and vs-Ref columns, start being the checkpoint CME-GRPO began from."""
-    row = {"label": spec["label"]}
-    for a, b, title in TABLE1_COLUMNS:
-        cell = _cell(win_rates, spec[a], spec[b]) if a in spec and b in spec else None
-        if cell and a == "cme" and b in ("base", "ref") and spec["start"] != b and spec["start"] in spec:
-            start = _cell(win_rates, spec[spec["start"]], spec[b])
-            cell["delta"] = cell["win_rate"] - start["win_rate"] if start else None
-        row[title] = cell
-    return row
-
-
-# --- report: formatting --------------------------------------------------------------------------------
-
-def _fmt(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The report as (title, header, rows of strings) tables."""
-    tables = []
-    rows = [[r["candidate"], r["opponent"], r["judge"], _fmt(r["win_rate"]),
-             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", str(r["n"]), str(r["errors"]),
-             _fmt(r["first_wins"]), _fmt(r["chars_candidate"], 0), _fmt(r["chars_opponent"], 0),
-             _fmt(r["longer_wins"])] for r in report["win_rates"]]
-    tables.append(("Tie-adjusted win rate of the candidate, % (wins + ties/2) / N, N prompts; 95% bootstrap "
-                   "interval over prompts",
-                   ["candidate", "opponent", "judge", "win rate", "95% CI", "N", "errors", "first shown wins %",
-                    "chars cand", "chars opp", "longer wins %"], rows))
-    if report["agreement"]:
-        rows = [[r["candidate"], r["opponent"], r["judge_1"], r["judge_2"], str(r["n"]), _fmt(r["agreement"]),
-                 _fmt(r["kappa"], 3)] for r in report["agreement"]]
-        tables.append(("Agreement between judges on per-prompt majority verdicts",
-                       ["candidate", "opponent", "judge 1", "judge 2", "N", "agreement %", "Cohen's kappa"], rows))
-    if report["table1"]:
-        header = ["generator"] + [t for _, _, t in TABLE1_COLUMNS]
-        rows = []
-        for r in report["table1"]:
-            cells = [r["label"]]
-            for _, _, title in TABLE1_COLUMNS:
-                c = r[title]
-                text = "-" if c is None else _fmt(c["win_rate"])
-                if c and c.get("delta") is not None:
-                    text += f" (Δ{c['delta']:+.1f})"
-                cells.append(text)
-            rows.append(cells)
-        tables.append(("Table 1 style: win rate of the first model, %, mean over judges", header, rows))
-    for t in report.get("tables", ()):  # more tables a caller built (reproduce.py's Table 2, Figure 3)
-        tables.append((t["title"], t["header"], t["rows"]))
-    return tables
-
-
-def _no_nan(x):
-    """NaN -> None, recursively (JSON has no NaN)."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_no_nan(v) for v in x]
-    return x
-
-
-def format_report(report: dict, fmt: str = "text") -> str:
-    """The report as an aligned text table, markdown, CSV (tables separated by a blank line) or JSON."""
-    if fmt == "json":
-        return json.dumps(_no_nan(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    out = []
-    for title, header, rows in report_tables(report):
-        if fmt == "text":
-            widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-            lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *rows]]
-            out.append(f"{title}\n" + "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]]))
-        elif fmt == "markdown":
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(x.replace("|", "\\|") for x in row) + " |" for row in rows]
-            out.append(f"**{title}**\n\n" + "\n".join(lines))
-        elif fmt == "csv":
-            import csv
-            import io
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([header, *rows])
-            out.append(buf.getvalue().rstrip("\n"))
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
-    return "\n\n".join(out) + "\n"
-
-
-def plot_win_rates(report: dict, path: Path, title: str = "") -> list[dict]:
-    """Win-rate bars with their 95% bootstrap intervals: one group per comparison (candidate vs
-    opponent), one bar per judge and, where several judged, one for their mean. Written to `path` (PNG).
-
-    report: compute_report's dict. Returns the bars drawn, [{candidate, opponent, judge, x, win_rate,
-    ci_low, ci_high}], in drawing order."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys((r["candidate"], r["opponent"]) for r in report["win_rates"]))
-    if not groups:
-        raise ValueError("no judgments to plot")
-    judges = list(dict.fromkeys(r["judge"] for r in report["win_rates"]))
-    cell = {(r["candidate"], r["opponent"], r["judge"]): r for r in report["win_rates"]}
-    width, bars = 0.8 / len(judges), []
-    fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 1.5 + (0.5 + 0.3 * len(judges)) * len(groups))), 3.8))
-    for k, judge in enumerate(judges):
-        xs, ys, err = [], [], [[], []]
-        for g, (cand, opp) in enumerate(groups):
-            r = cell.get((cand, opp, judge))
-            if r is None or not np.isfinite(r["win_rate"]):
-                continue
-            xs.append(g - 0.4 + width * (k + 0.5))
-            ys.append(r["win_rate"])
-            bars.append({"candidate": cand, "opponent": opp, "judge": judge, "x": xs[-1], "win_rate": ys[-1],
-                         "ci_low": r["ci_low"], "ci_high": r["ci_high"]})
-            err[0].append(max(0.0, r["win_rate"] - r["ci_low"]) if np.isfinite(r["ci_low"]) else 0.0)
-            err[1].append(max(0.0, r["ci_high"] - r["win_rate"]) if np.isfinite(r["ci_high"]) else 0.0)
-        ax.bar(xs, ys, width, yerr=err, capsize=3, label=judge,
-               hatch="//" if judge.startswith("mean of") else None)
-    ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(groups)), [f"{c}\nvs {o}" if o else c for c, o in groups], fontsize=8)
-    ax.set_ylabel("win rate, % (95% CI)")
-    ax.set_ylim(0, 100)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return bars
-
-
-# --- cme: the diagnostic of Figure 1 -------------------------------------------------------------------
-
-def token_surprise(verifier, instruction: str, output: str) -> tuple[list[str], np.ndarray]:
-    """The response's verifier tokens as text pieces and their surprise -log p (nats): (S,) float64.
-
-    A character split across tokens (byte-fallback pieces of an emoji, say) is shown with the token
-    that holds its first byte, so the pieces join to the response exactly; the others show as "".
-    """
-    from reward import encode_pair
-
-    v = encode_pair(verifier.tokenizer, instruction, output)
-    logp = verifier.logprobs([v.ids], [v.response])[0]
-    data = output.encode("utf-8")
-
-    def boundary(k: int) -> int:  # the first character start at or after byte k
-        while k < len(data) and data[k] & 0xC0 == 0x80:
-            k += 1
-        return k
-    pieces = [data[boundary(a):boundary(b)].decode("utf-8") for a, b in v.spans]
-    return pieces, -logp
-
-
-def heatmap_html(pieces: Sequence[str], surprise: np.ndarray, title: str, subtitle: str = "") -> str:
-    """A self-contained HTML page: each token on a background whose redness grows with its surprise."""
-    import html
-    vmax = max(float(np.percentile(surprise, 95)) if len(surprise) else 1.0, 1e-6)
-    spans = []
-    for piece, s in zip(pieces, surprise):
-        alpha = min(1.0, float(s) / vmax)
-        spans.append(f'<span title="-log p = {s:.2f}" style="background:rgba(220,40,40,{alpha:.2f})">'
-                     f"{html.escape(piece)}</span>")
-    return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-            ".r{white-space:pre-wrap;font-family:monospace;line-height:1.7}</style>"
-            f"<h2>{html.escape(title)}</h2><p>{html.escape(subtitle)}</p>"
-            f"<p>Per-token surprise -log p under the verifier (nats); full red = {vmax:.2f} or more (the 95th "
-            "percentile). Hover a token for its value.</p>"
-            f"<div class='r'>{''.join(spans)}</div>\n")
-
-
-def heatmap_png(pieces: Sequence[str], surprise: np.ndarray, title: str, path: Path, width: int = 90) -> None:
-    """The same heatmap as a PNG: tokens laid out in a monospace grid of `width` columns, wrapped."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import warnings
-
-    vmax = max(float(np.percentile(surprise, 95)) if len(surprise) else 1.0, 1e-6)
-    cells, x, y = [], 0, 0  # (x, y, text, surprise) in character cells
-    for piece, s in zip(pieces, surprise):
-        for k, line in enumerate(piece.split("\n")):
-            if k:
-                x, y = 0, y + 1
-            while line:
-                take = line[:width - x]
-                cells.append((x, y, take, float(s)))
-                x += len(take)
-                line = line[len(take):]
-                if x >= width:
-                    x, y = 0, y + 1
-    rows = y + 1
-    fig = plt.figure(figsize=(width * 0.1 + 0.4, 0.7 + rows * 0.2))  # a cell is 0.1 x 0.2 inches
-    ax = fig.add_axes([0.2 / (width * 0.1 + 0.4), 0.1 / (0.7 + rows * 0.2), width * 0.1 / (width * 0.1 + 0.4),
-                       rows * 0.2 / (0.7 + rows * 0.2)])
-    ax.set_xlim(0, width)
-    ax.set_ylim(rows, 0)
-    ax.axis("off")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing glyphs for rare scripts
-        for cx, cy, text, s in cells:
-            ax.add_patch(plt.Rectangle((cx, cy), len(text), 1, color=(0.86, 0.16, 0.16, min(1.0, s / vmax)),
-                                       linewidth=0))
-            # 11.9 pt DejaVu Sans Mono advances 0.6 em = 7.2 pt = 0.1 in per character: one cell
-            ax.text(cx, cy + 0.8, text.replace("$", r"\$"), fontsize=11.9, family="DejaVu Sans Mono")
-        fig.suptitle(f"{title}\n(red: surprise -log p, full at {vmax:.1f} nats or more)", fontsize=11)
-        fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def run_cme(outputs: Sequence[Path], verifier_name: str, heatmap: Sequence[int] = (), heatmap_dir: Path = Path("heatmaps"),
-            heatmap_format: str = "html", limit: int | None = None, device: str | None = None,
-            token_budget: int = 16384) -> list[dict]:
-    """Mean sequence-level CME (Eq. 3) of each outputs file under the verifier, and heatmaps of chosen prompts.
-
-    Returns one row per file: {file, generator, n, cme_mean, cme_se, empty}; heatmaps are written to
-    heatmap_dir/<generator>-<index>.<html|png>.
-    """
-    from reward import Verifier, load_causal_lm
-
-    files = [(Path(p), read_outputs(p)) for p in outputs]
-    model, tok = load_causal_lm(verifier_name, device=device)
-    verifier = Verifier(model, tok, token_budget=token_budget)
-    rows = []
-    for path, recs in files:
-        chosen = [recs[i] for i in sorted(recs)][:limit]
-        cme = verifier.sequence_cme([r["instruction"] for r in chosen], [r["output"] for r in chosen], progress=True)
-        ok = cme[np.isfinite(cme)]
-        rows.append({"file": str(path), "generator": chosen[0]["generator"], "n": len(ok),
-                     "cme_mean": float(ok.mean()) if len(ok) else math.nan,
-                     "cme_se": float(ok.std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else math.nan,
-                     "empty": int(len(cme) - len(ok))})
-        for i in heatmap:
-            if i not in recs:
-                raise ValueError(f"{path}: no output with index {i}")
-            pieces, surprise = token_surprise(verifier, recs[i]["instruction"], recs[i]["output"])
-            mean = float(surprise.mean()) if len(surprise) else math.nan
-            title = f"{recs[i]['generator']}, prompt {i}: mean CE = {mean:.2f} nats/token"
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
-            safe = re.sub(r"[^\w.-]+", "_", recs[i]["generator"])
-            target = heatmap_dir / f"{safe}-{i}.{heatmap_format}"
-            if heatmap_format == "html":
-                target.write_text(heatmap_html(pieces, surprise, title,
-                                               f"verifier {verifier_name}; instruction: {recs[i]['instruction']}"),
-                                  encoding="utf-8")
-            else:
-                heatmap_png(pieces, surprise, title, target)
-            print(f"wrote {target}", file=sys.stderr)
-    return rows
-
-
 # --- main ----------------------------------------------------------------------------------------------
+
+def read_template(path: Path) -> str:
+    """A judge prompt template file, or one line naming it."""
+    if not path.is_file():
+        raise ValueError(f"template file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
+
 
 class _DefaultsHelp(argparse.HelpFormatter):
     """Help that shows each flag's default, unless it has none or the help text already says it."""
@@ -1014,6 +389,7 @@ def main(argv=None) -> int:
                 plot_win_rates(report, args.plot)
                 print(f"plot: {args.plot}", file=sys.stderr)
         elif args.command == "cme":
+            from cme import run_cme
             rows = run_cme(args.outputs, args.verifier, args.heatmap, args.heatmap_dir, args.heatmap_format,
                            args.limit, args.device)
             print(f"mean sequence CME (Eq. 3, nats per verifier token) under {args.verifier}")

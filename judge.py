@@ -38,6 +38,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from records import one_line
+
 LABELS = ("A", "B", "tie")
 
 JUDGE_TEMPLATE = """\
@@ -58,13 +60,6 @@ sentence of justification, then give your verdict on its own last line, exactly 
 Verdict: A
 Verdict: B
 Verdict: tie"""
-
-
-
-def _one_line(e: BaseException | str) -> str:
-    """The first line of an error or message (the exception's type when it says nothing)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --- the judge's prompt and answer ---------------------------------------------------------------------
@@ -166,13 +161,13 @@ class ChatClient:
             except urllib.error.HTTPError as e:
                 detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                 if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"{self.url} refused the request: HTTP {e.code} {_one_line(detail)}")
+                    raise JudgeError(f"{self.url} refused the request: HTTP {e.code} {one_line(detail)}")
                 reason = f"HTTP {e.code}"
                 wait = _retry_after(e.headers.get("Retry-After"))
             except (TimeoutError, socket.timeout):
                 reason = f"no reply within {self.timeout:g} s"
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
-                reason = f"connection failed ({self._redact(_one_line(e))})"
+                reason = f"connection failed ({self._redact(one_line(e))})"
             if attempt == self.retries:
                 raise JudgeError(f"{self.url}: {reason}, still after {self.retries + 1} attempts")
             if wait is None:
@@ -342,7 +337,7 @@ class LocalJudge:
 
     def __init__(self, spec: JudgeSpec, device: str | None = None):
         from reward import Verifier
-        from train import load_generator
+        from sampling import load_generator
 
         self.max_new_tokens = int(spec.params["max_new_tokens"])
         self.batch_size = int(spec.options.get("batch_size", 4))
@@ -370,7 +365,7 @@ class LocalJudge:
         return np.array([lp.sum() for lp in logps]).reshape(len(prompts), len(LABELS))
 
     def run(self, prompts: Sequence[str]) -> Iterator[tuple[int, Answer]]:
-        from evaluate import greedy_generate  # the evaluated models' own greedy decoding
+        from sampling import greedy_generate  # the evaluated models' own greedy decoding
 
         for start in range(0, len(prompts), self.batch_size):
             batch = list(prompts[start:start + self.batch_size])

@@ -10,7 +10,7 @@ Stages (each calls train.py's or evaluate.py's own code, never a copy):
   train-NAME     train.train with train.py's defaults (Appendix E) and the flags given
   generate-NAME  evaluate.run_generate: greedy outputs on the evaluation prompts (AlpacaEval's 805)
   judge-A_vs_B   evaluate.run_judge: every judge, --replicates times per prompt, A/B order randomised
-  report         evaluate.compute_report -> RESULT.{txt,md,csv,json} (and figure3.png)
+  report         report.compute_report -> RESULT.{txt,md,csv,json} (and figure3.png)
 
 Everything goes into one run folder (--out). A stage whose output is complete is skipped, and each
 stage continues where it stopped (training resumes from its last checkpoint, generation and judging
@@ -172,7 +172,7 @@ def eval_prompt_count(args) -> int:
     if args.eval_prompts == "alpaca_eval":
         n = 805
     else:
-        from evaluate import load_eval_prompts
+        from prompts import load_eval_prompts
         n = len(load_eval_prompts(args.eval_prompts))
     return min(n, args.eval_limit) if args.eval_limit else n
 
@@ -201,7 +201,7 @@ def train_config(args, **overrides):
 
 def plan(target: str, run: Path, args) -> tuple[list[Stage], Callable[[], dict]]:
     """The stages of `target` and a function building its report from the judgments."""
-    from evaluate import compute_report, load_judgments, parse_table1
+    from report import compute_report, load_judgments, parse_table1
 
     cfg = train_config(args)
     models = {"base": args.gen, "instruct": args.instruct}
@@ -247,7 +247,7 @@ def plan(target: str, run: Path, args) -> tuple[list[Stage], Callable[[], dict]]
 def result_table(title: str, report: dict, rows: list, columns: list[str]) -> dict:
     """A table of mean-over-judges win rates: each row (label, model, optional second model), each
     column "vs Base" / "vs Instruct"; with a second model each column gets a cell per model."""
-    from evaluate import _cell, _fmt
+    from report import fmt_value, win_rate_of
 
     header, body = ["row"], []
     for label, first, second in rows:
@@ -255,8 +255,8 @@ def result_table(title: str, report: dict, rows: list, columns: list[str]) -> di
         for col in columns:
             opponent = "base" if col == "vs Base" else "instruct"
             for model in (first, second) if second else (first,):
-                c = _cell(report["win_rates"], model, opponent)
-                cells.append("-" if c is None else f"{_fmt(c['win_rate'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]")
+                c = win_rate_of(report["win_rates"], model, opponent)
+                cells.append("-" if c is None else f"{fmt_value(c['win_rate'])} [{fmt_value(c['ci_low'])}, {fmt_value(c['ci_high'])}]")
                 if len(header) < len(cells):
                     header.append(f"{model} {col}" if second else col)
         body.append(cells)
@@ -340,7 +340,7 @@ def describe(stages: list[Stage], args) -> str:
 
 def write_results(run: Path, target: str, report: dict) -> list[Path]:
     """RESULT.txt/.md/.csv/.json from the report (and figure3.png for figure3)."""
-    from evaluate import format_report, plot_win_rates
+    from report import format_report, plot_win_rates
 
     written = []
     for ext, fmt in (("txt", "text"), ("md", "markdown"), ("csv", "csv"), ("json", "json")):
@@ -384,7 +384,7 @@ def reproduce(target: str, args) -> dict | None:
         manifest["stages"][s.name]["seconds"] = round(time.time() - start + manifest["stages"][s.name].get("seconds", 0), 1)
         write_manifest(run, manifest)
     result = report()
-    from evaluate import format_report
+    from report import format_report
     sys.stdout.write(format_report(result, "text"))
     for path in write_results(run, target, result):
         print(f"wrote {path}", file=sys.stderr)

@@ -204,7 +204,7 @@ def load_causal_lm(name: str, dtype: torch.dtype | None = None, device: str | to
     architecture with seeded random weights (the random-verifier control of Section 4); "uniform": the
     same with its output layer zeroed, so every next-token distribution is uniform and every token
     costs exactly log(vocabulary size): Eq. 1 then rewards a generator token only by how many verifier
-    tokens it covers (the pure-granularity control of `python train.py --demo`).
+    tokens it covers (the pure-granularity control of `python demo.py`).
     Raises ValueError with one line when the name is neither a local folder nor a reachable hub id.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -2,35 +2,35 @@
 
     python train.py --gen Qwen/Qwen2.5-0.5B                    # the paper's setting (Appendix E)
     python train.py --gen DIR --verifier DIR --prompts FILE    # local models and prompts
-    python train.py --demo                                     # offline toy world and its ground truth, ~75 s on a CPU
+    torchrun --nproc_per_node N train.py ...                   # N processes, one update (distributed.py)
 
-Each optimizer step: 16 prompts x G = 8 sampled responses (temperature 1, top-p 1, up to 2,048 new
-tokens); each response scored by the frozen verifier (Eq. 1 per token, or Eq. 3 per sequence);
-advantages normalised per prompt group (per position for Eq. 1); one AdamW step on the clipped
-objective of Eq. 2, accumulated over micro-batches.
+Each optimizer step (`train`, one pass of its loop):
+  1. rollout (`generate`): 16 prompts x G = 8 responses sampled from the policy (temperature 1, top-p 1,
+     up to 2,048 new tokens; sampling.py);
+  2. reward and advantages (`score`): each response scored by the frozen verifier, Eq. 1 per token or
+     Eq. 3 per sequence (reward.py), advantages normalised per prompt group, per position for Eq. 1
+     (grpo.py);
+  3. update (`policy_update`): one AdamW step on the clipped objective of Eq. 2 (grpo.grpo_loss),
+     accumulated over micro-batches (and over ranks under torchrun).
+Checkpoints and resume are runs.py's, the metrics line metrics.py's, and `python demo.py` runs the
+whole algorithm on an offline toy world with a ground truth.
 
 Departures from, and readings of, the paper:
   1. One policy update per rollout batch, as Appendix E's 128 completions per update imply: pi_old is
      the policy that sampled, so rho = 1 at the update (old_logp = logp.detach()) and the clip is
      inactive; Eq. 2 is still computed in full (grpo.grpo_loss) and its clip fraction logged.
-  2. Sampling uses exactly the configured values: the checkpoint's own generation_config (Qwen2.5
-     Instruct ships temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05) is set aside at
-     load and restored in the saved checkpoints, and top-k is disabled.
-  3. Prompts go through the generator's chat template (add_generation_prompt); a base model with no
-     template gets `bos_token + reward.PLAIN_TEMPLATE`, the format the verifier uses for such models.
-  4. `--reward rent` is the self-entropy baseline of Table 2: r_i = -(mean token entropy of the
+  2. Sampling uses exactly the configured values, none of the checkpoint's generation_config, and
+     prompts go through the generator's chat template (sampling.py, items 1-3).
+  3. `--reward rent` is the self-entropy baseline of Table 2: r_i = -(mean token entropy of the
      generator's own next-token distributions over y_i), with sequence-level advantages.
-  5. `--verifier-init random` is Section 4's control: the verifier's architecture with seeded random
+  4. `--verifier-init random` is Section 4's control: the verifier's architecture with seeded random
      weights (its tokenizer is the real one). `--verifier-init uniform` zeroes that model's output
      layer, so every verifier token costs log V and Eq. 1 rewards only granularity (how many verifier
      tokens a generator token covers): what the random control's signal is worth.
-  6. Many processes (`torchrun --nproc_per_node N train.py ...`): each rank takes whole prompt groups
-     (the step's prompts split in N), so per-position advantages need no communication; it samples
-     from its own stream (seed + rank) and holds a replica of the frozen verifier. Eq. 2's 1/G is the
-     whole step's response count, and the gradients are summed over ranks once per optimizer step
-     (one all-reduce each, `sync_gradients`), so the update is the single-process update on the union
-     of the rollouts. (DistributedDataParallel would never synchronise here: token_logprobs calls the
-     decoder and output layer directly, not the model's forward.) `python train.py` is one rank.
+  5. Many processes: each rank takes whole prompt groups and samples from its own stream (seed +
+     rank); Eq. 2's 1/G is the whole step's response count and the gradients are summed over ranks
+     once per step, so the update is the single-process update on the union of the rollouts
+     (distributed.py).
 """
 from __future__ import annotations
 
@@ -39,21 +39,26 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from align import decode_response, token_bytes, vocab_bytes
+from align import vocab_bytes
+from distributed import Ranks, all_gather, all_gather_tensors, all_sum, init_ranks, rank_device, sync_gradients
 from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
-from reward import PLAIN_TEMPLATE, Verifier, check_device, load_causal_lm, turn_end
+from metrics import log_samples, plot_curves, step_metrics, step_record
+from prompts import read_prompts
+from reward import Verifier, load_causal_lm
+from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, rng_state, save_checkpoint,
+                  set_rng_state, truncate_log)
+from sampling import (Rollout, autocast, chat_prefix, load_generator, refresh_rollout_model, rendered_lengths,
+                      rollout_model, sample)
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
 
@@ -131,7 +136,6 @@ class Config:
     device: str = _f("auto", "auto | cpu | cuda")
     dist_timeout: int = _f(600, "torchrun: seconds a rank waits for the others in a collective before failing",
                            check=">=1")
-    demo: bool = _f(False, "run the offline toy demo instead (see `demo`)")
 
 
 def parse_config(argv=None) -> Config:
@@ -177,62 +181,24 @@ def check_config(cfg: Config) -> None:
                 raise ValueError(f"{flag} {value}: GRPO needs at least 2 responses per prompt")
             raise ValueError(f"{flag} {value}: must be {rule.replace('>=', 'at least ').replace('>', 'above ')}"
                              if rule[0] == ">" else f"{flag} {value}: must lie in {rule.replace(',', ', ')}")
-    _device(cfg)
+    rank_device(cfg.device)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; name a folder for the run")
 
 
+# Settings a resumed run may change: where and how fast it runs, what it records, how far it goes. Any
+# other difference from the checkpoint's config would silently change what the run computes.
+RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
+                     "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
+                     "cache", "compile_decode", "rollout_dtype",
+                     "gradient_checkpointing", "trust_remote_code", "dist_timeout"}
+
+
 # --- prompts -----------------------------------------------------------------------------------------
-
-def _read_prompt_file(path: Path, key: str) -> list[str]:
-    def pick(obj, where):
-        if isinstance(obj, str):
-            return obj
-        if isinstance(obj, dict) and isinstance(obj.get(key), str):
-            return obj[key]
-        raise ValueError(f"{where}: expected a string or an object with a string {key!r} field")
-
-    if path.suffix not in (".txt", ".jsonl", ".json"):
-        raise ValueError(f"{path}: prompt files must end in .jsonl, .json or .txt")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
-    if path.suffix == ".txt":
-        return text.splitlines()
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(pick(json.loads(line), f"{path}:{n}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        return out
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
-    return [pick(x, f"{path}: item {i}") for i, x in enumerate(data)]
-
 
 def load_prompts(cfg: Config) -> list[str]:
     """The run's prompts, in training order: deduplicated, a seeded subset, shuffled by the seed."""
-    path = Path(cfg.prompts)
-    if not path.is_dir() and (path.suffix in (".jsonl", ".json", ".txt") or path.exists()):
-        if not path.is_file():
-            raise ValueError(f"prompt file not found: {path}")
-        raw = _read_prompt_file(path, cfg.prompt_field)
-    else:
-        import datasets
-        try:
-            raw = datasets.load_dataset(cfg.prompts, split=cfg.split)[cfg.prompt_field]
-        except Exception as e:  # noqa: BLE001  (hub and dataset errors come in many types)
-            raise ValueError(f"cannot load prompts from dataset {cfg.prompts!r} split {cfg.split!r}: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    raw = read_prompts(cfg.prompts, cfg.prompt_field, cfg.split)
     prompts = list(dict.fromkeys(p.strip() for p in raw if p and p.strip()))  # dedupe, keep first
     if not prompts:
         raise ValueError(f"no prompts left in {cfg.prompts} after removing empty and duplicate ones")
@@ -241,19 +207,6 @@ def load_prompts(cfg: Config) -> list[str]:
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {cfg.prompts_per_step}")
     return prompts
-
-
-def rendered_lengths(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None,
-                     who: str = "generator") -> tuple[int | None, list[int]]:
-    """(the model's context in tokens, or None if its config names none; each prompt's length in tokens
-    after the chat template). Refuses a max_new_tokens that leaves no room for any prompt."""
-    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    context = getattr(text_cfg, "max_position_embeddings", None)
-    if context is not None and max_new_tokens >= context:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the {who}'s context is {context} tokens, "
-                         "prompt included")
-    rendered = [chat_prefix(tokenizer, p, system_prompt) for p in prompts]
-    return context, [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(rendered, add_special_tokens=False)]
 
 
 def fit_context(prompts: list[str], tokenizer, model, cfg: Config, verbose: bool = True) -> list[str]:
@@ -280,141 +233,11 @@ def fit_context(prompts: list[str], tokenizer, model, cfg: Config, verbose: bool
 
 # --- rollouts ----------------------------------------------------------------------------------------
 
-def chat_prefix(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
-    """The generator's input text for a prompt: its chat template, or the plain format.
-
-    system_prompt: None keeps the template's behaviour (Qwen2.5 and SmolLM2 inject a default system
-    prompt, as TRL does); text becomes a system turn; "" means no system text: it removes a default the
-    template injects (an empty system turn is the only way these templates allow) and otherwise adds
-    nothing. A model without a chat template has no system turn; text is then put before the prompt.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        head = f"{system_prompt}\n\n" if system_prompt else ""
-        return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=head + prompt)
-
-    def render(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    user = [{"role": "user", "content": prompt}]
-    if system_prompt is None:
-        return render(user)
-    if system_prompt:
-        return render([{"role": "system", "content": system_prompt}] + user)
-    plain, marked = render(user), render([{"role": "system", "content": _SYSTEM_MARK}] + user)
-    before, _, after = marked.partition(_SYSTEM_MARK)
-    injects_default = (len(plain) > len(before) + len(after) and plain.startswith(before)
-                       and plain.endswith(after))
-    return before + after if injects_default else plain
-
-
-_SYSTEM_MARK = "<<CME-GRPO-SYSTEM-7f3a>>"
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """Ids that end a response: the union of the generation config's EOS, the tokenizer's EOS and the
-    chat template's end-of-turn token. Qwen2.5 *base* ships EOS <|endoftext|> while its template ends
-    a turn with <|im_end|>: stopping on EOS alone lets a base model run on into invented turns.
-    """
-    eos = generation_config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    end = turn_end(tokenizer)  # without a template, the tokenizer's EOS: already in the list
-    for extra in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end) if end else None):
-        if extra is not None and extra not in ids:
-            ids.append(extra)
-    return ids
-
-
-def sampling_config(cfg: Config, eos_ids: list[int], pad_id: int):
-    """A GenerationConfig with every sampling knob set to the run's value (nothing from the checkpoint).
-
-    --cache static preallocates the KV cache (prompt + max_new_tokens) instead of growing it every
-    step; on a GPU transformers then compiles the decode step unless told not to, which only
-    --compile-decode allows. Greedy outputs equal the dynamic cache's (tested on CPU)."""
-    from transformers import GenerationConfig
-    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                            min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                            cache_implementation="static" if cfg.cache == "static" else None,
-                            disable_compile=not cfg.compile_decode)
-
-
-@dataclass
-class Rollout:
-    """G responses to each of the step's prompts.
-
-    prompts: B strings (each prompt repeated G times, groups contiguous).
-    prompt_ids: B lists of generator ids of the prompt prefix.
-    response: (B, T) int64 sampled ids, padded. mask: (B, T) bool, tokens up to and including EOS.
-    truncated: (B,) bool, no EOS within max_new_tokens. texts: B response texts (what the verifier reads).
-    """
-    prompts: list
-    prompt_ids: list
-    response: torch.Tensor
-    mask: torch.Tensor
-    truncated: torch.Tensor
-    texts: list
-
-
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], device) -> Rollout:
-    """Sample G responses to each prompt, cfg.gen_batch rows per generate() call, left-padded."""
-    rows = [p for p in prompts for _ in range(cfg.group_size)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    gen_cfg = sampling_config(cfg, eos_ids, pad)
-    prompt_ids = [tokenizer(chat_prefix(tokenizer, p, cfg.system_prompt), add_special_tokens=False).input_ids
-                  for p in rows]
-    responses = []
-    model.eval()
-    for i in range(0, len(rows), cfg.gen_batch):
-        x, attn = left_pad(prompt_ids[i:i + cfg.gen_batch], pad, device)
-        with _autocast(device):
-            out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg)
-        responses.extend(out[:, x.shape[1]:].cpu())
-    T = max(r.shape[0] for r in responses)
-    response = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    truncated = torch.zeros(len(rows), dtype=torch.bool)
-    eos = torch.tensor(eos_ids)
-    for b, r in enumerate(responses):
-        hits = torch.isin(r, eos).nonzero()
-        n = int(hits[0]) + 1 if len(hits) else r.shape[0]  # keep the EOS: the policy learns to stop
-        truncated[b] = not len(hits)
-        response[b, :n] = r[:n]
-        mask[b, :n] = True
-    texts = [decode_response(token_bytes(tokenizer, response[b, :int(mask[b].sum())].numpy())).text
-             for b in range(len(rows))]
-    return Rollout(rows, prompt_ids, response, mask, truncated, texts)
-
-
-def rollout_model(model, cfg: Config):
-    """The model rollouts are sampled from: the policy itself, or with --rollout-dtype bf16 a frozen bf16
-    copy (no per-step weight casts under autocast), which `refresh_rollout_model` keeps equal to the
-    policy's weights rounded to bf16. It samples from that rounding of the policy; the update treats the
-    rollouts as on-policy (rho = 1), the mismatch every trainer with a separate inference engine accepts."""
-    if cfg.rollout_dtype == "fp32":
-        return model
-    import copy
-    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def refresh_rollout_model(rollout_copy, model) -> None:
-    """Copy the policy's weights into its rollout copy (a no-op when they are the same model)."""
-    if rollout_copy is not model:
-        for a, b in zip(rollout_copy.parameters(), model.parameters()):
-            a.copy_(b)
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows left-padded to one length, for generate(): (ids (b, P) int64, attention mask (b, P))."""
-    P = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=device)
-    attn = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, attn
-
-
-def _autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op context on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    """G responses to each of the step's prompts, sampled with the run's settings (sampling.sample)."""
+    return sample(model, tokenizer, prompts, cfg.group_size, eos_ids, device, temperature=cfg.temperature,
+                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                  batch_size=cfg.gen_batch, static_cache=cfg.cache == "static", compile_decode=cfg.compile_decode)
 
 
 # --- rewards -----------------------------------------------------------------------------------------
@@ -450,7 +273,7 @@ def policy_logprobs(model, rollout: Rollout, rows, cfg: Config, device, with_ent
     T = rollout.response.shape[1]
     where = (P[:, None] + torch.arange(T)).clamp(max=L - 1)          # (b, T) response positions in x;
     mask = rollout.mask[rows]                                        # clamped ones are masked below
-    with _autocast(device):
+    with autocast(device):
         out = token_logprobs(model, x.to(device), attn.to(device), target.to(device),
                              chunk_size=cfg.logprob_chunk, with_entropy=with_entropy,
                              temperature=cfg.temperature)
@@ -489,83 +312,6 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
             m = rollout.mask[rows].to(device)
             r[rows] = -(ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu()               # RENT
     return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), None, None
-
-
-# --- many processes: torchrun ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job; plain `python train.py` is rank 0 of 1."""
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_ranks(cfg: Config) -> Ranks:
-    """Join the torchrun job named by the environment (RANK, WORLD_SIZE, LOCAL_RANK), NCCL on GPUs and
-    gloo on CPU; a rank that waits longer than --dist-timeout for the others fails instead of hanging."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    if cfg.prompts_per_step % world:
-        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} cannot be split over {world} ranks; "
-                         "use a multiple of the number of processes")
-    import torch.distributed as dist
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    cuda = _device(cfg, ranks).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(ranks.local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
-    return ranks
-
-
-def all_sum(values: list[float], ranks: Ranks, device) -> list[float]:
-    """Each value summed over ranks (float64); the values themselves with one rank."""
-    if ranks.world == 1:
-        return values
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_gather(obj, ranks: Ranks) -> list:
-    """[the object of rank 0, rank 1, ...] (picklable objects); [obj] with one rank."""
-    if ranks.world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * ranks.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_rng_states(ranks: Ranks) -> list[dict]:
-    """Every rank's RNG state, rank 0 first. (Gathered as torch.save bytes: all_gather_object cannot
-    carry the tensors inside an RNG state.)"""
-    import io
-    buf = io.BytesIO()
-    torch.save(_rng_state(), buf)
-    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in all_gather(buf.getvalue(), ranks)]
-
-
-def sync_gradients(model, ranks: Ranks) -> None:
-    """Sum the gradients over ranks: one all-reduce per parameter, once per optimizer step. Each rank's
-    loss is already its share of the global Eq. 2 (num_sequences counts every rank's responses), so the
-    sum is the single-process gradient of the whole step. A parameter without a gradient takes part
-    with zeros, so every rank issues the same collectives."""
-    if ranks.world == 1:
-        return
-    import torch.distributed as dist
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
 
 
 # --- the update --------------------------------------------------------------------------------------
@@ -627,234 +373,7 @@ def lr_schedule(cfg: Config, total_steps: int):
     return factor
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                  *np_state[2:]),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, optimizer, scheduler,
-                    step: int, cfg: Config, prompts_digest: str | None = None, rng: list | None = None) -> Path:
-    """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint.
-
-    A failed write (a full disk) removes the temporary folder and raises OSError in one line; the
-    checkpoints already on disk are untouched. prompts_digest: `prompts_sha` of the run's prompts.
-    rng: every rank's RNG state, rank 0 first (default: this process's alone).
-    """
-    final, tmp = out / name, out / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model_gen_config = model.generation_config
-    model.generation_config = generation_config  # ship the checkpoint's own sampling defaults
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [_rng_state()],
-                    "world_size": len(rng or [0]), "step": step, "config": asdict(cfg),
-                    "prompts_sha256": prompts_digest},
-                   tmp / "training_state.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(out)
-        raise OSError(f"cannot write {final}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                      + (f"{previous} is intact" if previous else "no earlier checkpoint exists")) from None
-    finally:
-        model.generation_config = model_gen_config
-    old = out / f".old-{name}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the checkpoint-N folders in out, oldest first."""
-    return sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
-    return found[-1][1] if found else None
-
-
-def intact_checkpoint(out: Path, verbose: bool = True) -> tuple[Path, dict]:
-    """The newest checkpoint in `out` that loads, and its training state. A broken one (a truncated or
-    empty training_state.pt, missing weights) is named on stderr (when verbose) and the one before it
-    is tried."""
-    found = _checkpoints(out)
-    if not found:
-        raise ValueError(f"--resume: no checkpoint in {out}")
-    broken = []
-    for _, path in reversed(found):
-        try:
-            if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
-                raise ValueError("no model weights")
-            state = torch.load(path / "training_state.pt", weights_only=True)
-            if not {"optimizer", "scheduler", "rng", "step", "config"} <= state.keys():
-                raise ValueError("training_state.pt lacks fields")
-        except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if verbose:
-                print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
-            broken.append(path.name)
-            continue
-        return path, state
-    raise ValueError(f"--resume: no intact checkpoint in {out} (broken: {', '.join(broken)})")
-
-
-# Settings a resumed run may change: where and how fast it runs, what it records, how far it goes. Any
-# other difference from the checkpoint's config would silently change what the run computes.
-RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
-                     "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
-                     "cache", "compile_decode", "rollout_dtype",
-                     "gradient_checkpointing", "trust_remote_code", "demo", "dist_timeout"}
-
-
-def check_resume(cfg: Config, state: dict, prompts: list[str]) -> None:
-    """Refuse, naming it, any setting that differs from the checkpoint's and changes what is computed
-    (model, verifier, reward, data, optimizer, schedule), and prompts whose content changed."""
-    saved = state["config"]
-    for f in fields(Config):
-        if f.name in RESUME_MAY_CHANGE:
-            continue
-        was = saved.get(f.name, f.default)  # older checkpoints: the default
-        if was != getattr(cfg, f.name):
-            raise ValueError(f"--resume: --{f.name.replace('_', '-')} was {was!r} in the checkpoint, now "
-                             f"{getattr(cfg, f.name)!r}; resume with the same value, or start a new --out")
-    sha = state.get("prompts_sha256")
-    if sha is not None and sha != prompts_sha(prompts):
-        raise ValueError(f"--resume: the prompts from {cfg.prompts} are not the ones the checkpoint trained on "
-                         "(the file or dataset changed); restore them, or start a new --out")
-
-
-def prompts_sha(prompts: list[str]) -> str:
-    """Fingerprint of the run's prompts, in training order."""
-    import hashlib
-    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the records of steps <= step (a resume after a kill would otherwise repeat steps)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line cut off by the kill
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-    tmp.replace(path)
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    found = _checkpoints(out)
-    for _, p in found[:-keep] if keep > 0 else found:
-        shutil.rmtree(p)
-
-
 # --- the run -----------------------------------------------------------------------------------------
-
-def _device(cfg: Config, ranks: Ranks | None = None) -> torch.device:
-    """The device of this rank: --device, with a bare "cuda" (or auto on a GPU machine) meaning this
-    rank's local GPU under torchrun."""
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = check_device(name)
-    if device.type == "cuda" and device.index is None and ranks is not None and ranks.world > 1:
-        device = torch.device("cuda", ranks.local)
-    return device
-
-
-def shared_share(rollout: Rollout, group_size: int) -> float:
-    """Share of response positions where every response of the group has the same tokens so far
-    (a common opening); their rewards are identical by construction (reward.py, item 6), so A = 0."""
-    shared = 0
-    for g in range(0, rollout.response.shape[0], group_size):
-        ids, mask = rollout.response[g:g + group_size], rollout.mask[g:g + group_size]
-        same = ((ids == ids[:1]) & mask).all(0)                     # (T,) equal and present in all
-        shared += group_size * int(same.cumprod(0).sum())           # the common prefix's length
-    return shared / max(int(rollout.mask.sum()), 1)
-
-
-def _stats(x) -> tuple[float, float]:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))
-
-
-def log_samples(path: Path, step: int, rollout: Rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
-    """A few responses with each generator token's verifier surprise -r_t (None where masked)."""
-    out = []
-    for b in range(min(k, len(rollout.texts))):
-        n = int(rollout.mask[b].sum())
-        ids = rollout.response[b, :n].numpy()
-        pieces = [decode_response(token_bytes(gen_tokenizer, [i])).text for i in ids]
-        surprise = None
-        if token_rewards is not None:
-            surprise = [round(-float(token_rewards[b, t]), 3) if token_rewards[b, t] != 0 else None for t in range(n)]
-        out.append({"step": step, "prompt": rollout.prompts[b], "response": rollout.texts[b],
-                    "tokens": pieces, "surprise": surprise})
-    with open(path, "a", encoding="utf-8") as f:
-        for s in out:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
-    return out
-
-
-def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Training curves from metrics.jsonl to a PNG (matplotlib, headless)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
-            ("grad_norm", "grad norm")]
-    keys = [(k, t) for k, t in keys if any(r.get(k) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, (k, title) in zip(np.atleast_1d(axes), keys):
-        ax.plot([r["step"] for r in rows], [r.get(k) for r in rows])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def load_generator(name: str, device, trust_remote_code: bool = False, dtype: torch.dtype | None = torch.float32):
-    """The generator, by default in fp32 master weights (bf16 autocast on GPU), with its shipped sampling
-    defaults set aside so they cannot leak into rollouts (dtype None: bf16 on CUDA, for inference).
-
-    Returns (model, tokenizer, shipped GenerationConfig (restored in saved checkpoints), stop ids: the
-    union of EOS ids and the chat template's end of turn, see `stop_token_ids`).
-    """
-    from transformers import GenerationConfig
-
-    model, tok = load_causal_lm(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    shipped = model.generation_config
-    model.generation_config = GenerationConfig()
-    stop = stop_token_ids(tok, shipped)
-    if not stop:
-        raise ValueError(f"generator {name!r} has no EOS token: its responses could never end")
-    return model, tok, shipped, stop
-
 
 def train(cfg: Config, on_step=None) -> list[dict]:
     """Run CME-GRPO as configured; return the per-step metrics.
@@ -865,13 +384,13 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     from tqdm import tqdm
 
     check_config(cfg)
-    ranks = init_ranks(cfg)
+    ranks = init_ranks(cfg.device, cfg.dist_timeout, cfg.prompts_per_step)
     out = Path(cfg.out)
-    device = _device(cfg, ranks)
+    device = rank_device(cfg.device, ranks)
     prompts = load_prompts(cfg)
     resume_from, state = intact_checkpoint(out, ranks.main) if cfg.resume else (None, None)
     if state is not None:
-        check_resume(cfg, state, prompts)
+        check_resume(cfg, state, prompts, RESUME_MAY_CHANGE)
         if state.get("world_size", 1) != ranks.world:
             raise ValueError(f"--resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this "
                              f"run has {ranks.world}; resume with the same number of processes")
@@ -906,7 +425,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         vocab_bytes(vtok)  # likewise for the verifier's tokenizer
         verifier = Verifier(vmodel, vtok, cfg.verifier_token_budget, cfg.logprob_chunk, cfg.mask_whitespace)
 
-    sampler = rollout_model(model, cfg)  # the policy itself unless --rollout-dtype bf16
+    sampler = rollout_model(model, cfg.rollout_dtype)  # the policy itself unless --rollout-dtype bf16
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps))
     start = 0
@@ -914,7 +433,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
-        _set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)  # older checkpoints: one dict
+        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)  # older checkpoints: one dict
         start = state["step"]
         if ranks.main:
             for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
@@ -931,11 +450,11 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 (out / f).unlink(missing_ok=True)
 
     def checkpoint(step: int) -> Path | None:
-        rng = gather_rng_states(ranks)  # every rank takes part; rank 0 writes
+        rng = all_gather_tensors(rng_state(), ranks)  # every rank's RNG state; rank 0 writes
         if not ranks.main:
             return None
-        return save_checkpoint(out, f"checkpoint-{step}", model, gen_tok, shipped, optimizer, scheduler, step, cfg,
-                               digest, rng)
+        return save_checkpoint(out, f"checkpoint-{step}", model, gen_tok, shipped, optimizer, scheduler, step,
+                               asdict(cfg), digest, rng)
 
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     per_rank = cfg.prompts_per_step // ranks.world
@@ -970,7 +489,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             refresh_rollout_model(sampler, model)
             t3 = time.perf_counter()
 
-            m = {"step": step + 1, **step_metrics(all_gather(step_record(rollout, adv, reward, cme, cfg, (t0, t1, t2, t3)),
+            m = {"step": step + 1, **step_metrics(all_gather(step_record(rollout, adv, reward, cme, cfg.group_size, (t0, t1, t2, t3)),
                                                              ranks)),
                  **upd, "lr": scheduler.get_last_lr()[0]}
             if device.type == "cuda":
@@ -1019,46 +538,12 @@ def train(cfg: Config, on_step=None) -> list[dict]:
               flush=True)
     return history
 
-
-def step_record(rollout: Rollout, adv: torch.Tensor, reward, cme, cfg: Config, times: tuple) -> dict:
-    """What one rank contributes to a step's metrics: raw per-response values, so the statistics over
-    ranks are computed on their union exactly as one process would (never a mean of means)."""
-    t0, t1, t2, t3 = times
-    groups = adv.reshape(-1, cfg.group_size * (adv.numel() // adv.shape[0]))
-    shared = shared_share(rollout, cfg.group_size) * max(int(rollout.mask.sum()), 1)
-    return {"reward": np.asarray(reward, dtype=np.float64), "cme": None if cme is None else np.asarray(cme),
-            "lengths": rollout.mask.sum(1).numpy(), "truncated": rollout.truncated.numpy(),
-            "zero_spread": (groups.abs().sum(1) == 0).numpy(), "shared": shared,
-            "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
-
-
-def step_metrics(records: list[dict]) -> dict:
-    """A step's metrics from every rank's `step_record`, rank 0 first. Times are the slowest rank's."""
-    cat = {k: np.concatenate([r[k] for r in records]) for k in ("reward", "lengths", "truncated", "zero_spread")}
-    lengths = cat["lengths"]
-    t_gen, t_score, t_update, t_step = np.max([r["times"] for r in records], axis=0)
-    m = dict(zip(("reward_mean", "reward_std"), _stats(cat["reward"])))
-    if records[0]["cme"] is not None:
-        m.update(zip(("cme_mean", "cme_std"), _stats(np.concatenate([r["cme"] for r in records]))))
-    m.update({"zero_spread_groups": float(cat["zero_spread"].mean()),
-              "shared_positions": sum(r["shared"] for r in records) / max(int(lengths.sum()), 1),
-              "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
-              "truncated": float(cat["truncated"].mean()), "tokens_per_s": float(lengths.sum() / t_step),
-              "time_gen": float(t_gen), "time_score": float(t_score), "time_update": float(t_update),
-              "step_time": float(t_step)})
-    return m
-
-
 # --- main --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
-        if cfg.demo:
-            from demo import run_demo
-            run_demo(cfg)
-        else:
-            train(cfg)
+        train(cfg)
     except KeyboardInterrupt:
         return 130
     except torch.cuda.OutOfMemoryError:

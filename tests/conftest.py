@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import demo  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
+import tiny  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
 
 SHARED = ROOT.parent / "shared"
 REAL_TOKENIZERS = ["qwen2.5", "llama-3.2", "llama-2", "mistral-7b-v0.1", "gemma-3", "smollm2"]
@@ -54,14 +54,14 @@ def _corpus(repeat: int = 20):
 
 
 def build_bytebpe(path: Path) -> Path:
-    return demo.build_bytebpe(path, _corpus())
+    return tiny.build_bytebpe(path, _corpus())
 
 
 def build_sentencepiece(path: Path, gemma: bool) -> Path:
-    return demo.build_sentencepiece(path, _corpus(), gemma=gemma)
+    return tiny.build_sentencepiece(path, _corpus(), gemma=gemma)
 
 
-build_model = demo.build_model  # noqa: E305
+build_model = tiny.build_model  # noqa: E305
 
 
 @pytest.fixture(scope="session")

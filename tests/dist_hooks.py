@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import sampling as S  # noqa: E402
 import train as T  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def group_seeded(real_generate):
         response = torch.cat([torch.nn.functional.pad(r.response, (0, width - r.response.shape[1]), value=pad)
                               for r in parts])
         mask = torch.cat([torch.nn.functional.pad(r.mask, (0, width - r.mask.shape[1])) for r in parts])
-        return T.Rollout([x for r in parts for x in r.prompts], [x for r in parts for x in r.prompt_ids], response,
+        return S.Rollout([x for r in parts for x in r.prompts], [x for r in parts for x in r.prompt_ids], response,
                          mask, torch.cat([r.truncated for r in parts]), [x for r in parts for x in r.texts])
     return generate
 

@@ -62,7 +62,7 @@ def test_uniform_verifier_costs_log_v_per_token_so_eq1_counts_covered_tokens(bui
     """--verifier-init uniform: every verifier token costs log V, so Eq. 1 at a generator token is
     -log V times the overlap-weighted count of verifier tokens it covers (a pure-granularity reward)."""
     from reward import Verifier, encode_pair, load_causal_lm
-    from train import load_generator
+    from sampling import load_generator
 
     vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu", init="uniform", seed=3)
     verifier = Verifier(vmodel, vtok, mask_whitespace=False)
@@ -86,7 +86,7 @@ def test_demo_raises_the_ground_truth_over_the_base_and_both_controls(tmp_path):
     """The demo's claim at its default settings (seed 0, 160 steps; about 75 s here), on 128 held-out
     samples per row, measured by the toy world's grammar, which training never sees.
 
-    Margins, from seeds 0-4 (`python train.py --demo --seed S`): before training, 45-62% of responses
+    Margins, from seeds 0-4 (`python demo.py --seed S`): before training, 45-62% of responses
     are grammatical and 30-39% on topic; a second sampling seed moves these by up to 8 points (the
     standard error of a share near 50% is 4.4 points at n = 128). After CME-GRPO with the trained
     verifier: 88-94% grammatical, 85-94% on topic, so gains of 26-44 and 53-64 points; both controls

@@ -24,8 +24,11 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, SHARED
 
+import cme as C
 import evaluate as E
 import judge as J
+import records as R
+import report as W
 
 VERDICTS_DIR = SHARED / "data" / "alpaca_eval" / "verdicts"
 
@@ -280,7 +283,7 @@ def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed midway"
-    first = E.read_jsonl(out, partial_tail_ok=True)
+    first = R.read_jsonl(out, partial_tail_ok=True)
     calls_first = len(srv.calls)
     assert 8 <= len(first) < 39
 
@@ -292,7 +295,7 @@ def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert len(srv.calls) - calls_first == expected_calls
-    records = E.read_jsonl(out)
+    records = R.read_jsonl(out)
     assert sorted((r["index"], r["replicate"]) for r in records) == [(i, rep) for i in range(13) for rep in range(3)]
 
     proc = judge_cli(srv, cand, opp, out)  # a third run has nothing left to ask
@@ -304,8 +307,8 @@ def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp
     proc = judge_cli(srv, cand, opp, whole)
     stdout2, stderr2 = proc.communicate(timeout=120)
     assert proc.returncode == 0
-    assert E.compute_report(E.load_judgments([out])) == E.compute_report(E.load_judgments([whole]))
-    by_key = {r["key"]: r["verdict"] for r in E.read_jsonl(whole)}
+    assert W.compute_report(W.load_judgments([out])) == W.compute_report(W.load_judgments([whole]))
+    by_key = {r["key"]: r["verdict"] for r in R.read_jsonl(whole)}
     assert {r["key"]: r["verdict"] for r in records} == by_key
 
     # Identical outputs are ties with no call; the verdict-less prompt is an error, out of N, counted.
@@ -313,7 +316,7 @@ def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp
     assert not any("Answer 5 from C" in c["body"]["messages"][0]["content"] and
                    "Answer 5 from O" not in c["body"]["messages"][0]["content"] for c in srv.calls)
     assert all(r["verdict"] == "error" for r in records if r["index"] == 12)
-    row = E.compute_report(records)["win_rates"][0]
+    row = W.compute_report(records)["win_rates"][0]
     assert (row["n"], row["errors"]) == (12, 3)
     for text in [stdout, stderr, stdout2, stderr2, out.read_text(), whole.read_text()]:
         assert "sk-test-secret-123" not in text
@@ -344,18 +347,18 @@ def test_ctrl_c_ends_a_judge_run_at_once(server, pair_files, tmp_path):
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 130 and time.monotonic() - t < 5, stderr[-2000:]
     assert "rerun the same command to continue" in stderr
-    assert len(E.read_jsonl(out)) == 4 + 1  # the four answered, and the identical pair's tie
+    assert len(R.read_jsonl(out)) == 4 + 1  # the four answered, and the identical pair's tie
 
 
 def test_partial_last_line_is_cut_before_appending(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_text('{"a": 1}\n{"b": ')
-    assert E.read_jsonl(path, partial_tail_ok=True) == [{"a": 1}]
+    assert R.read_jsonl(path, partial_tail_ok=True) == [{"a": 1}]
     with pytest.raises(ValueError, match=r"j.jsonl:2: not valid JSON"):
-        E.read_jsonl(path)
-    with E.open_for_append(path) as f:
-        E.write_record(f, {"c": 3})
-    assert E.read_jsonl(path) == [{"a": 1}, {"c": 3}]
+        R.read_jsonl(path)
+    with R.open_for_append(path) as f:
+        R.write_record(f, {"c": 3})
+    assert R.read_jsonl(path) == [{"a": 1}, {"c": 3}]
 
 
 # --- statistics ----------------------------------------------------------------------------------------
@@ -363,21 +366,21 @@ def test_partial_last_line_is_cut_before_appending(tmp_path):
 def test_bootstrap_is_seeded_and_resamples_prompts_not_replicates():
     rng = np.random.default_rng(1)
     per_prompt = rng.choice([0.0, 0.5, 1.0], size=300)
-    assert E.bootstrap_ci(per_prompt) == E.bootstrap_ci(per_prompt)
-    low, high = E.bootstrap_ci(per_prompt)
+    assert W.bootstrap_ci(per_prompt) == W.bootstrap_ci(per_prompt)
+    low, high = W.bootstrap_ci(per_prompt)
     assert low < per_prompt.mean() < high
 
     def records(reps):  # the same per-prompt verdict repeated `reps` times: replicates that agree
         v = {1.0: "win", 0.5: "tie", 0.0: "loss"}
         return [{"index": i, "replicate": r, "verdict": v[s], "swapped": False, "raw": "x", "len_candidate": 1,
                  "len_opponent": 2} for i, s in enumerate(per_prompt) for r in range(reps)]
-    one, five = E.win_rate_row(records(1), 2000, 0), E.win_rate_row(records(5), 2000, 0)
+    one, five = W.win_rate_row(records(1), 2000, 0), W.win_rate_row(records(5), 2000, 0)
     assert (one["ci_low"], one["ci_high"], one["n"]) == (five["ci_low"], five["ci_high"], five["n"]) == \
         (one["ci_low"], one["ci_high"], 300)
 
 
 record_strategy = st.fixed_dictionaries({
-    "index": st.integers(0, 7), "replicate": st.integers(0, 2), "verdict": st.sampled_from(E.VERDICTS),
+    "index": st.integers(0, 7), "replicate": st.integers(0, 2), "verdict": st.sampled_from(W.VERDICTS),
     "swapped": st.booleans(), "judge": st.sampled_from(["j1", "j2"]),
     "len_candidate": st.integers(0, 5), "len_opponent": st.integers(0, 5)})
 
@@ -392,7 +395,7 @@ def test_report_statistics_match_slow_loops(raw):
             lc, lo = (r["index"] * 7) % 5, (r["index"] * 3) % 4
             records.append({**r, "key": f"{r['judge']}-{r['index']}-{r['replicate']}", "candidate": "c",
                             "opponent": "o", "raw": "answer", "len_candidate": lc, "len_opponent": lo})
-    report = E.compute_report(records, resamples=200)
+    report = W.compute_report(records, resamples=200)
     for judge in ("j1", "j2"):
         mine = [r for r in records if r["judge"] == judge]
         row = [w for w in report["win_rates"] if w["judge"] == judge]
@@ -417,15 +420,15 @@ def test_report_statistics_match_slow_loops(raw):
 
 
 def test_majority_and_kappa_by_hand():
-    assert E.majority_verdict(["win", "win", "loss"]) == "win"
-    assert E.majority_verdict(["win", "loss", "tie"]) == "tie"          # all equal: score 1/2
-    assert E.majority_verdict(["win", "win", "tie", "tie", "loss"]) == "win"  # win = tie in count, score 0.6
-    assert E.majority_verdict(["loss", "error", "error"]) == "loss"
+    assert W.majority_verdict(["win", "win", "loss"]) == "win"
+    assert W.majority_verdict(["win", "loss", "tie"]) == "tie"          # all equal: score 1/2
+    assert W.majority_verdict(["win", "win", "tie", "tie", "loss"]) == "win"  # win = tie in count, score 0.6
+    assert W.majority_verdict(["loss", "error", "error"]) == "loss"
     # 10 items: agree on 7; marginals a = (6 win, 4 loss), b = (5, 5): p_e = 0.5, kappa = (0.7 - 0.5) / 0.5
     a = ["win"] * 6 + ["loss"] * 4
     b = ["win"] * 4 + ["loss"] * 2 + ["loss"] * 3 + ["win"]
-    assert E.cohen_kappa(a, b) == pytest.approx(0.4)
-    assert math.isnan(E.cohen_kappa(["win"] * 3, ["win"] * 3))
+    assert W.cohen_kappa(a, b) == pytest.approx(0.4)
+    assert math.isnan(W.cohen_kappa(["win"] * 3, ["win"] * 3))
 
 
 def synthetic(cand, opp, judge, scores, seed=0):
@@ -445,7 +448,7 @@ def test_table1_flips_orientation_and_computes_deltas():
     for name, s in draws.items():
         a, b = name.split("-")
         records += synthetic(a, b, "j1", s) + synthetic(a, b, "j2", s[::-1], seed=1)
-    report = E.compute_report(records, resamples=200,
+    report = W.compute_report(records, resamples=200,
                               table1=[E.parse_table1("label=G,cme=cme,base=base,instruct=inst,ref=ref")])
     row = report["table1"][0]
 
@@ -480,8 +483,8 @@ def test_report_formats_parse(tmp_path):
 def test_report_plot_draws_every_win_rate_with_its_interval(tmp_path):
     records = (synthetic("c", "o", "j1", [1.0, 0.0, 0.5, 1.0]) + synthetic("c", "o", "j2", [1.0, 1.0, 0.5, 0.0])
                + synthetic("c", "base", "j1", [1.0, 1.0, 1.0, 0.0]))
-    report = E.compute_report(records, resamples=200)
-    bars = E.plot_win_rates(report, tmp_path / "wr.png")
+    report = W.compute_report(records, resamples=200)
+    bars = W.plot_win_rates(report, tmp_path / "wr.png")
     drawn = {(b["candidate"], b["opponent"], b["judge"]): b for b in bars}
     assert drawn.keys() == {(w["candidate"], w["opponent"], w["judge"]) for w in report["win_rates"]}
     for w in report["win_rates"]:
@@ -554,7 +557,7 @@ def test_real_verdicts_agreement_between_three_judges(tmp_path):
              ("alpaca_eval_cot_gpt4_turbo_fn", "alpaca_eval_gpt4_turbo_fn", "weighted_alpaca_eval_gpt4_turbo")]
     tables = [real_verdicts(n) for n in names]
     records = [E.from_alpaca_eval(row) for t in tables for row in t]
-    report = E.compute_report(records, resamples=1000)
+    report = W.compute_report(records, resamples=1000)
     mean_row = [w for w in report["win_rates"] if w["judge"] == "mean of 3 judges"][0]
     verdict = [{r["index"]: np.sign(r["ae_p_candidate_preferred"] - 0.5) for r in t} for t in tables]
     per_prompt = [np.mean([(v[i] + 1) / 2 for v in verdict]) for i in sorted(verdict[0])]
@@ -586,7 +589,7 @@ def prompts_path(tmp_path_factory):
 def test_generate_is_greedy_and_resumes(built, prompts_path, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from train import chat_prefix
+    from sampling import chat_prefix
 
     out = tmp_path / "q.jsonl"
     args = ["generate", "--model", str(built["qwen2"]), "--out", str(out), "--prompts", str(prompts_path),
@@ -597,7 +600,7 @@ def test_generate_is_greedy_and_resumes(built, prompts_path, tmp_path):
     assert E.main(args) == 0
     text = out.read_text()
     assert text.startswith(first)  # the first three are kept, not regenerated
-    records = E.read_jsonl(out)
+    records = R.read_jsonl(out)
     assert sorted(r["index"] for r in records) == [10, 11, 12, 13, 14]
     assert E.main(args) == 0 and out.read_text() == text  # nothing left to do
 
@@ -625,7 +628,7 @@ def test_prompts_from_the_hub_file_through_huggingface_hub(tmp_path):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     rows = [{"instruction": p, "output": "ref", "generator": "gpt4", "dataset": "x"} for p in PROMPTS]
     (snapshot / "alpaca_eval.json").write_text(json.dumps(rows))
-    code = "import json, evaluate as E; print(json.dumps(E.load_eval_prompts()))"
+    code = "import json, prompts as P; print(json.dumps(P.load_eval_prompts()))"
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -671,14 +674,14 @@ def test_local_hf_judge_end_to_end(built, tiny_outputs, tmp_path):
     args = ["judge", str(tiny_outputs[0]), str(tiny_outputs[1]), "--judge", judge, "--replicates", "2",
             "--out", str(out), "--device", "cpu"]
     assert E.main(args) == 0
-    records = E.read_jsonl(out)
+    records = R.read_jsonl(out)
     assert len(records) == 10 and {r["judge"] for r in records} == {"tiny-judge"}
-    assert E.main(args) == 0 and len(E.read_jsonl(out)) == 10  # a rerun asks nothing
+    assert E.main(args) == 0 and len(R.read_jsonl(out)) == 10  # a rerun asks nothing
 
     # The oracle: each label's log-probability as a whole continuation, by a plain forward pass.
     model = AutoModelForCausalLM.from_pretrained(built["qwen2"]).eval()
     tok = AutoTokenizer.from_pretrained(built["qwen2"])
-    cand, opp = E.read_outputs(tiny_outputs[0]), E.read_outputs(tiny_outputs[1])
+    cand, opp = R.read_outputs(tiny_outputs[0]), R.read_outputs(tiny_outputs[1])
     multi_token_tie = len(tok(" tie", add_special_tokens=False).input_ids) > 1
     for r in records[:4]:
         c, o = cand[r["index"]]["output"], opp[r["index"]]["output"]
@@ -706,19 +709,19 @@ def test_local_hf_judge_end_to_end(built, tiny_outputs, tmp_path):
 def test_cme_mean_and_heatmaps(built, tiny_outputs, tmp_path):
     from reward import Verifier, load_causal_lm
 
-    rows = E.run_cme(list(tiny_outputs), str(built["gemma3"]), heatmap=[11], heatmap_dir=tmp_path, device="cpu")
+    rows = C.run_cme(list(tiny_outputs), str(built["gemma3"]), heatmap=[11], heatmap_dir=tmp_path, device="cpu")
     model, tok = load_causal_lm(str(built["gemma3"]), device="cpu")
     verifier = Verifier(model, tok)
     for row, path in zip(rows, tiny_outputs):
-        recs = E.read_outputs(path)
+        recs = R.read_outputs(path)
         cme = verifier.sequence_cme([r["instruction"] for r in recs.values()], [r["output"] for r in recs.values()])
         assert row["cme_mean"] == pytest.approx(np.nanmean(cme)) and row["n"] == np.isfinite(cme).sum()
-        pieces, surprise = E.token_surprise(verifier, recs[11]["instruction"], recs[11]["output"])
+        pieces, surprise = C.token_surprise(verifier, recs[11]["instruction"], recs[11]["output"])
         assert "".join(pieces) == recs[11]["output"] and len(pieces) == len(surprise)
         html = (tmp_path / f"{row['generator']}-11.html").read_text()
         assert f"mean CE = {surprise.mean():.2f} nats/token" in html
         assert surprise.mean() == pytest.approx(verifier.sequence_cme([recs[11]["instruction"]], [recs[11]["output"]])[0])
-    E.run_cme([tiny_outputs[0]], str(built["gemma3"]), heatmap=[12], heatmap_dir=tmp_path, heatmap_format="png",
+    C.run_cme([tiny_outputs[0]], str(built["gemma3"]), heatmap=[12], heatmap_dir=tmp_path, heatmap_format="png",
               device="cpu", limit=2)
     png = tmp_path / "tiny-qwen-12.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -734,7 +737,7 @@ def test_generate_system_prompt_is_recorded_and_never_mixed(built, tmp_path):
     base = ["generate", "--model", str(built["qwen2"]), "--name", "q", "--prompts", str(prompts), "--out", str(out),
             "--max-new-tokens", "4", "--device", "cpu"]
     assert E.main(base + ["--limit", "2", "--system-prompt", ""]) == 0
-    assert [r["system_prompt"] for r in E.read_jsonl(out)] == ["", ""]
+    assert [r["system_prompt"] for r in R.read_jsonl(out)] == ["", ""]
     assert E.main(base + ["--system-prompt", "Be brief."]) == 2  # another system prompt: refused, file intact
-    assert len(E.read_jsonl(out)) == 2
-    assert E.main(base + ["--system-prompt", ""]) == 0 and len(E.read_jsonl(out)) == 3
+    assert len(R.read_jsonl(out)) == 2
+    assert E.main(base + ["--system-prompt", ""]) == 0 and len(R.read_jsonl(out)) == 3

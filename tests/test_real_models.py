@@ -29,8 +29,8 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def smol():
-    import train as T
-    return T.load_generator(str(real_model("smollm2-135m-instruct")), torch.device("cpu"))
+    from sampling import load_generator
+    return load_generator(str(real_model("smollm2-135m-instruct")), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +77,10 @@ def test_token_rewards_of_real_samples_keep_the_verifier_total(gemma, smol, samp
 
 def test_real_stop_tokens(smol):
     """gemma-3-270m's shipped generation config names only <eos>; its turn ends with <end_of_turn>."""
-    import train as T
+    from sampling import load_generator
     _, tok, _, stop = smol
     assert tok.convert_ids_to_tokens(stop) == ["<|im_end|>"]
-    _, gtok, shipped, gstop = T.load_generator(str(real_model("gemma-3-270m")), torch.device("cpu"))
+    _, gtok, shipped, gstop = load_generator(str(real_model("gemma-3-270m")), torch.device("cpu"))
     assert shipped.eos_token_id == 1 and gtok.convert_ids_to_tokens(gstop) == ["<eos>", "<end_of_turn>"]
 
 
@@ -142,7 +142,7 @@ def test_one_cme_grpo_run_through_the_cli(tmp_path):
 
 
 def test_evaluate_generate_equals_one_prompt_at_a_time_greedy(smol, tmp_path):
-    import evaluate as E
+    from records import read_jsonl
 
     model, tok, _, stop = smol
     prompts = tmp_path / "prompts.jsonl"
@@ -152,10 +152,10 @@ def test_evaluate_generate_equals_one_prompt_at_a_time_greedy(smol, tmp_path):
             "--out", out, "--max-new-tokens", 24, "--batch-size", 3, "--device", "cpu"]
     r = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = {row["index"]: row for row in E.read_jsonl(out)}
-    import train as T
+    got = {row["index"]: row for row in read_jsonl(out)}
+    from sampling import chat_prefix
     for i, p in enumerate(PROMPTS):
-        x = torch.tensor([tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids])
+        x = torch.tensor([tok(chat_prefix(tok, p), add_special_tokens=False).input_ids])
         with torch.no_grad():
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=24,
                                eos_token_id=stop, pad_token_id=stop[0])[0, x.shape[1]:].tolist()

@@ -22,6 +22,9 @@ from conftest import ROOT
 
 import evaluate as E
 import judge as J
+import records as R
+import runs
+import sampling as S
 import train as T
 
 
@@ -175,16 +178,16 @@ def test_convert_never_destroys_an_input_and_appends(tmp_path, capsys):
     out.write_text(json.dumps(judgment(100)) + "\n")  # an existing judgments file keeps its records
     assert E.main(["convert", str(ann), "--out", str(out)]) == 0
     assert "appended 3 judgments" in capsys.readouterr().err
-    keys = [r["key"] for r in E.read_jsonl(out)]
+    keys = [r["key"] for r in R.read_jsonl(out)]
     assert keys[0] == "k100" and len(keys) == 4
     assert E.main(["convert", str(ann), "--out", str(out)]) == 0  # a rerun adds nothing
-    assert "appended 0 judgments" in capsys.readouterr().err and len(E.read_jsonl(out)) == 4
+    assert "appended 0 judgments" in capsys.readouterr().err and len(R.read_jsonl(out)) == 4
     gz = tmp_path / "bad.jsonl.gz"
     with gzip.open(gz, "wt") as f:
         f.write(json.dumps({k: v for k, v in alpaca_row(7).items() if k != "output_opponent"}) + "\n")
     assert E.main(["convert", str(gz), "--out", str(out)]) == 2
     one_line_error(capsys, f"{gz}: record 1 has no 'output_opponent' field")
-    assert len(E.read_jsonl(out)) == 4
+    assert len(R.read_jsonl(out)) == 4
 
 
 # --- prompts that do not fit, and unsupported tokenizers ---------------------------------------------
@@ -202,7 +205,7 @@ def test_a_huge_prompt_is_skipped_before_any_work(built, tmp_path):
     assert "skipped 1 of 4 prompts longer than 2044 tokens (the generator's context of 2048 tokens" in r.stderr
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(built["qwen2"])
-    lengths = [len(tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids) for p in rows]
+    lengths = [len(tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids) for p in rows]
     cap = min(lengths)  # --max-prompt-tokens: only the shortest prompt(s) fit
     r = subprocess.run([sys.executable, "train.py", *map(str, args), "--max-prompt-tokens", str(cap)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -227,7 +230,7 @@ def test_a_wordpiece_generator_is_refused_before_the_first_rollout(built, tmp_pa
     from transformers import PreTrainedTokenizerFast
 
     from conftest import CORPUS
-    import demo
+    import tiny
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -235,7 +238,7 @@ def test_a_wordpiece_generator_is_refused_before_the_first_rollout(built, tmp_pa
     tok.train_from_iterator(CORPUS * 5, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"],
                                                                   show_progress=False))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[SEP]", pad_token="[UNK]").save_pretrained(tmp_path / "wp")
-    model = demo.build_model(tmp_path / "wpm", tmp_path / "wp", "llama")
+    model = tiny.build_model(tmp_path / "wpm", tmp_path / "wp", "llama")
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hi\nYo\n")
     out = tmp_path / "run"
@@ -320,7 +323,7 @@ def test_resume_after_a_kill_logs_each_step_once(built, four_prompts, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     logged = metrics.read_text().count("\n")
-    last_checkpoint = T.latest_checkpoint(out)
+    last_checkpoint = runs.latest_checkpoint(out)
     saved = int(last_checkpoint.name.split("-")[1])
     assert logged > saved  # the kill left steps logged past the checkpoint: the case under test
     r = cli(*run_args(built, four_prompts, out, "--resume", "--max-steps", logged + 1, "--save-every", 2))

@@ -12,6 +12,8 @@ import torch
 
 from conftest import ROOT
 
+import metrics as M
+import sampling as S
 import train as T
 
 
@@ -125,7 +127,7 @@ def test_out_of_memory_names_the_flag_that_helps(monkeypatch, capsys):
 
 def test_non_finite_loss_skips_the_step(built, prompts_file):
     cfg = T.Config(gen=str(built["qwen2"]), group_size=2, max_new_tokens=6, micro_batch=2, device="cpu")
-    model, tok, _, eos = T.load_generator(cfg.gen, torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(cfg.gen, torch.device("cpu"))
     rollout = T.generate(model, tok, ["Hi", "Yo"], cfg, eos, torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -149,11 +151,12 @@ def test_checkpoint_sampling_defaults_never_reach_rollouts(built, tmp_path):
     shutil.copytree(built["qwen2"], folder)
     GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
                      min_p=0.1).save_pretrained(folder)
-    model, tok, shipped, eos = T.load_generator(str(folder), torch.device("cpu"))
+    model, tok, shipped, eos = S.load_generator(str(folder), torch.device("cpu"))
     assert shipped.temperature == 0.7
     cfg = T.Config(max_new_tokens=8)
-    x = torch.tensor([tok(T.chat_prefix(tok, "Hi"), add_special_tokens=False).input_ids])
-    out = model.generate(input_ids=x, generation_config=T.sampling_config(cfg, eos, tok.pad_token_id),
+    x = torch.tensor([tok(S.chat_prefix(tok, "Hi"), add_special_tokens=False).input_ids])
+    out = model.generate(input_ids=x, generation_config=S.sampling_config(eos, tok.pad_token_id, cfg.temperature, cfg.top_p,
+                                                                   cfg.max_new_tokens),
                          output_scores=True, output_logits=True, return_dict_in_generate=True)
     for scores, logits in zip(out.scores, out.logits):  # what sampling used == the raw distribution
         torch.testing.assert_close(torch.log_softmax(scores, -1), torch.log_softmax(logits, -1))
@@ -211,7 +214,7 @@ def test_rewards_fit_the_rollout_when_every_response_ends_early(built, reward):
     from reward import Verifier, load_causal_lm
 
     cfg = T.Config(group_size=2, micro_batch=3, reward=reward)
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
     vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu")
     width = 9  # generated width; every response ended with EOS well before it
     ids = [tok.encode(t, add_special_tokens=False)[:4] + [eos[0]] for t in ("Hello there", "Hi", "Yes sir", "No")]
@@ -220,7 +223,7 @@ def test_rewards_fit_the_rollout_when_every_response_ends_early(built, reward):
     for b, r in enumerate(ids):
         response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
     prompts = ["Say hi", "Say hi", "Answer", "Answer"]
-    rollout = T.Rollout(prompts, [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+    rollout = S.Rollout(prompts, [tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
                         response, mask, torch.zeros(4, dtype=torch.bool),
                         [tok.decode(r, skip_special_tokens=True) for r in ids])
     adv, per_response, cme, token_rewards = T.score(rollout, cfg, Verifier(vmodel, vtok), tok, model,
@@ -239,7 +242,7 @@ def test_policy_logprobs_equal_one_row_at_a_time(built):
     a shorter response than another row, so its last token sits at the batch's last position (the old
     clamp-then-scatter wrote a False over it). Temperature 0.7: log-probs of softmax(logits / 0.7)."""
     cfg = T.Config(temperature=0.7)
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
     prompts = ["A much longer prompt than the others, with many words in it", "Hi", "Mid-size prompt", "x"]
     lengths = [3, 9, 5, 1]
     words = tok.encode(" the quick brown fox jumps over a lazy dog again", add_special_tokens=False)
@@ -248,8 +251,8 @@ def test_policy_logprobs_equal_one_row_at_a_time(built):
     for b, n in enumerate(lengths):
         response[b, :n] = torch.tensor((words * 3)[b:b + n - 1] + [eos[0]])
         mask[b, :n] = True
-    prompt_ids = [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts]
-    rollout = T.Rollout(prompts, prompt_ids, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
+    prompt_ids = [tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts]
+    rollout = S.Rollout(prompts, prompt_ids, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
     assert len(prompt_ids[0]) + lengths[0] == max(len(p) + n for p, n in zip(prompt_ids, lengths))
     with torch.no_grad():
         got = T.policy_logprobs(model, rollout, slice(0, 4), cfg, torch.device("cpu"))
@@ -278,10 +281,9 @@ def _turn_end_differs_from_eos(built, tmp_path):
 
 
 def test_rollouts_and_greedy_outputs_stop_at_the_templates_turn_end(built, tmp_path):
-    from evaluate import greedy_generate
 
     folder = _turn_end_differs_from_eos(built, tmp_path)
-    model, tok, shipped, stop = T.load_generator(str(folder), torch.device("cpu"))
+    model, tok, shipped, stop = S.load_generator(str(folder), torch.device("cpu"))
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert shipped.eos_token_id == endoftext and stop == [endoftext, im_end]
     head = torch.nn.Linear(model.config.hidden_size, model.lm_head.out_features)  # always says <|im_end|>
@@ -292,7 +294,7 @@ def test_rollouts_and_greedy_outputs_stop_at_the_templates_turn_end(built, tmp_p
     rollout = T.generate(model, tok, ["Hi"], T.Config(group_size=2, max_new_tokens=6), stop, torch.device("cpu"))
     assert rollout.mask.sum(1).tolist() == [1, 1] and not rollout.truncated.any()  # the turn ended at once
     assert rollout.response[:, 0].tolist() == [im_end, im_end] and rollout.texts == ["", ""]
-    [[out]] = list(greedy_generate(model, tok, ["Hi"], 6, stop))
+    [[out]] = list(S.greedy_generate(model, tok, ["Hi"], 6, stop))
     assert out["tokens"] == 0 and not out["truncated"] and out["output"] == ""
 
 
@@ -307,7 +309,7 @@ def test_stop_tokens_of_real_tokenizers(name, eos, turn):
     from conftest import real_tokenizer
 
     tok = real_tokenizer(name)
-    stop = T.stop_token_ids(tok, GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(eos)))
+    stop = S.stop_token_ids(tok, GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(eos)))
     assert stop[0] == tok.convert_tokens_to_ids(eos) and tok.convert_tokens_to_ids(turn) in stop
     from align import vocab_bytes
     assert len(stop) == len(set(stop)) and vocab_bytes(tok).special[stop].all()  # control tokens: no text
@@ -318,12 +320,12 @@ def test_reference_model_gives_zero_kl_before_the_first_update(built, prompts_fi
     (dtype None: bf16 there, against the policy's fp32 weights under bf16 autocast) made KL > 0 before
     any update, which this CPU cannot show, so the loads are recorded (the real function still runs)."""
     loads = []
-    real_load = T.load_causal_lm
+    real_load = S.load_causal_lm
 
     def spy(name, dtype=None, **kw):
         loads.append((str(name), dtype))
         return real_load(name, dtype=dtype, **kw)
-    monkeypatch.setattr(T, "load_causal_lm", spy)
+    monkeypatch.setattr(S, "load_causal_lm", spy)
     cfg = T.Config(gen=str(built["qwen2"]), verifier=str(built["gemma3"]), prompts=str(prompts_file),
                    out=str(tmp_path / "run"), group_size=2, prompts_per_step=2, micro_batch=3, max_new_tokens=6,
                    beta=0.1, max_steps=2, lr=1e-2, warmup_steps=1, temperature=0.8, device="cpu", sample_every=0)
@@ -336,22 +338,22 @@ def test_reference_model_gives_zero_kl_before_the_first_update(built, prompts_fi
 def test_shared_positions_metric_counts_the_common_opening():
     response = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [1, 2, 3, 0], [1, 2, 3, 4]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    rollout = T.Rollout(["a"] * 4, [[0]] * 4, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
-    assert T.shared_share(rollout, 2) == (2 * 2 + 2 * 3) / 14  # group 1 shares 2 tokens, group 2 shares 3
+    rollout = S.Rollout(["a"] * 4, [[0]] * 4, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
+    assert M.shared_share(rollout, 2) == (2 * 2 + 2 * 3) / 14  # group 1 shares 2 tokens, group 2 shares 3
 
 
 def test_system_prompt_default_text_and_none():
     from conftest import real_tokenizer
 
     qwen = real_tokenizer("qwen2.5")
-    assert "You are Qwen, created by Alibaba Cloud" in T.chat_prefix(qwen, "Hi")  # the template's default
-    assert T.chat_prefix(qwen, "Hi", "") == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert "You are Qwen, created by Alibaba Cloud" in S.chat_prefix(qwen, "Hi")  # the template's default
+    assert S.chat_prefix(qwen, "Hi", "") == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                              "<|im_start|>assistant\n")
-    assert "<|im_start|>system\nBe brief.<|im_end|>" in T.chat_prefix(qwen, "Hi", "Be brief.")
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in S.chat_prefix(qwen, "Hi", "Be brief.")
     gemma = real_tokenizer("gemma-3")  # no default system prompt: "" changes nothing
-    assert T.chat_prefix(gemma, "Hi", "") == T.chat_prefix(gemma, "Hi") == \
+    assert S.chat_prefix(gemma, "Hi", "") == S.chat_prefix(gemma, "Hi") == \
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
-    assert T.chat_prefix(gemma, "Hi", "Be brief.").startswith("<bos><start_of_turn>user\nBe brief.\n\nHi")
+    assert S.chat_prefix(gemma, "Hi", "Be brief.").startswith("<bos><start_of_turn>user\nBe brief.\n\nHi")
 
 
 def test_system_prompt_reaches_the_rollout_and_config_json(built, prompts_file, tmp_path):
@@ -367,7 +369,7 @@ def test_system_prompt_reaches_the_rollout_and_config_json(built, prompts_file, 
 def test_eos_reward_scores_the_end_of_stopped_responses_only(built):
     from reward import Verifier, load_causal_lm
 
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
     vmodel, vtok = load_causal_lm(str(built["gemma3"]), device="cpu")
     ids = [tok.encode(t, add_special_tokens=False) for t in ("Hello there", "Hi", "Yes sir", "No")]
     ids = [r + [eos[0]] for r in ids[:3]] + [ids[3]]  # the last one was cut by the length limit
@@ -376,7 +378,7 @@ def test_eos_reward_scores_the_end_of_stopped_responses_only(built):
     for b, r in enumerate(ids):
         response[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
     prompts = ["Say hi", "Say hi", "Answer", "Answer"]
-    rollout = T.Rollout(prompts, [tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+    rollout = S.Rollout(prompts, [tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
                         response, mask, torch.tensor([False, False, False, True]),
                         [tok.decode(r, skip_special_tokens=True) for r in ids])
     v = Verifier(vmodel, vtok)
@@ -397,7 +399,7 @@ def test_eos_reward_scores_the_end_of_stopped_responses_only(built):
 def test_length_sorted_micro_batches_change_no_number_and_pad_less(built):
     """One update with micro-batches of 3 (longest first) equals one with the whole step at once, and
     the sorted batches hold less padding than rollout order would."""
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
     torch.manual_seed(3)
     cfg = T.Config(group_size=3, max_new_tokens=12, micro_batch=3, beta=0.0)
     rollout = T.generate(model, tok, ["Hi", "A longer prompt about the weather", "Count"], cfg, eos,
@@ -412,7 +414,7 @@ def test_length_sorted_micro_batches_change_no_number_and_pad_less(built):
     assert padded(batches) <= padded([list(range(i, i + 3)) for i in range(0, 9, 3)])
     weights = []
     for micro in (3, 9):
-        m, _, _, _ = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+        m, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         T.policy_update(m, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
                         T.Config(group_size=3, micro_batch=micro, grad_clip=1e9), torch.device("cpu"))
@@ -426,9 +428,9 @@ def test_static_cache_rollouts_equal_the_dynamic_cache(built):
     and so do rollouts sampled from the same seed."""
     from transformers import GenerationConfig
 
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
     prompts = ["Hi", "A much longer prompt that pads the others", "Count to three"]
-    x, attn = T.left_pad([tok(T.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
+    x, attn = S.left_pad([tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids for p in prompts],
                          tok.pad_token_id, "cpu")
     outs = []
     for cache in (None, "static"):
@@ -445,14 +447,14 @@ def test_static_cache_rollouts_equal_the_dynamic_cache(built):
 
 
 def test_bf16_rollout_copy_follows_the_policy(built, prompts_file, tmp_path):
-    model, tok, _, eos = T.load_generator(str(built["qwen2"]), torch.device("cpu"))
-    sampler = T.rollout_model(model, T.Config(rollout_dtype="bf16"))
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    sampler = S.rollout_model(model, T.Config(rollout_dtype="bf16").rollout_dtype)
     assert sampler is not model and all(p.dtype == torch.bfloat16 for p in sampler.parameters())
-    assert T.rollout_model(model, T.Config()) is model
+    assert S.rollout_model(model, T.Config().rollout_dtype) is model
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)
-    T.refresh_rollout_model(sampler, model)
+    S.refresh_rollout_model(sampler, model)
     for a, b in zip(sampler.parameters(), model.parameters()):
         assert torch.equal(a, b.to(torch.bfloat16))
     out = tmp_path / "run"

@@ -1,0 +1,108 @@
+"""What a training step records: its metrics line (metrics.jsonl), sample responses with per-token
+verifier surprise (samples.jsonl), and the curves drawn from them (curves.png).
+
+    record = step_record(rollout, adv, reward, cme, group_size, times)   # on every rank
+    line = step_metrics(all_gather(record))                              # the union, as one process
+
+Each rank contributes raw per-response values, so the statistics of a torchrun step are computed on
+their union exactly as one process would compute them (never a mean of means).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align import decode_response, token_bytes
+
+
+def shared_share(rollout, group_size: int) -> float:
+    """Share of response positions where every response of the group has the same tokens so far
+    (a common opening); their rewards are identical by construction (reward.py, item 6), so A = 0.
+
+    rollout: a sampling.Rollout of whole groups of group_size responses."""
+    shared = 0
+    for g in range(0, rollout.response.shape[0], group_size):
+        ids, mask = rollout.response[g:g + group_size], rollout.mask[g:g + group_size]
+        same = ((ids == ids[:1]) & mask).all(0)                     # (T,) equal and present in all
+        shared += group_size * int(same.cumprod(0).sum())           # the common prefix's length
+    return shared / max(int(rollout.mask.sum()), 1)
+
+
+def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times: tuple) -> dict:
+    """What one rank contributes to a step's metrics: raw per-response values.
+
+    rollout: the rank's sampling.Rollout; adv: (B, T) or (B,) advantages; reward: (B,) per-response
+    reward; cme: (B,) CME or None (RENT); times: perf_counter at the step's start, after generation,
+    after scoring and after the update."""
+    t0, t1, t2, t3 = times
+    groups = adv.reshape(-1, group_size * (adv.numel() // adv.shape[0]))
+    shared = shared_share(rollout, group_size) * max(int(rollout.mask.sum()), 1)
+    return {"reward": np.asarray(reward, dtype=np.float64), "cme": None if cme is None else np.asarray(cme),
+            "lengths": rollout.mask.sum(1).numpy(), "truncated": rollout.truncated.numpy(),
+            "zero_spread": (groups.abs().sum(1) == 0).numpy(), "shared": shared,
+            "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
+
+
+def _stats(x) -> tuple[float, float]:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))
+
+
+def step_metrics(records: list[dict]) -> dict:
+    """A step's metrics from every rank's `step_record`, rank 0 first. Times are the slowest rank's."""
+    cat = {k: np.concatenate([r[k] for r in records]) for k in ("reward", "lengths", "truncated", "zero_spread")}
+    lengths = cat["lengths"]
+    t_gen, t_score, t_update, t_step = np.max([r["times"] for r in records], axis=0)
+    m = dict(zip(("reward_mean", "reward_std"), _stats(cat["reward"])))
+    if records[0]["cme"] is not None:
+        m.update(zip(("cme_mean", "cme_std"), _stats(np.concatenate([r["cme"] for r in records]))))
+    m.update({"zero_spread_groups": float(cat["zero_spread"].mean()),
+              "shared_positions": sum(r["shared"] for r in records) / max(int(lengths.sum()), 1),
+              "len_mean": float(lengths.mean()), "len_max": int(lengths.max()),
+              "truncated": float(cat["truncated"].mean()), "tokens_per_s": float(lengths.sum() / t_step),
+              "time_gen": float(t_gen), "time_score": float(t_score), "time_update": float(t_update),
+              "step_time": float(t_step)})
+    return m
+
+
+def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
+    """Append k responses to `path` with each generator token's verifier surprise -r_t (None where masked).
+
+    token_rewards: (B, T) Eq. 1 rewards of the rollout, or None (then surprise is None)."""
+    out = []
+    for b in range(min(k, len(rollout.texts))):
+        n = int(rollout.mask[b].sum())
+        ids = rollout.response[b, :n].numpy()
+        pieces = [decode_response(token_bytes(gen_tokenizer, [i])).text for i in ids]
+        surprise = None
+        if token_rewards is not None:
+            surprise = [round(-float(token_rewards[b, t]), 3) if token_rewards[b, t] != 0 else None for t in range(n)]
+        out.append({"step": step, "prompt": rollout.prompts[b], "response": rollout.texts[b],
+                    "tokens": pieces, "surprise": surprise})
+    with open(path, "a", encoding="utf-8") as f:
+        for s in out:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Training curves from metrics.jsonl to a PNG (matplotlib, headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
+            ("grad_norm", "grad norm")]
+    keys = [(k, t) for k, t in keys if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, (k, title) in zip(np.atleast_1d(axes), keys):
+        ax.plot([r["step"] for r in rows], [r.get(k) for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
