@@ -342,6 +342,9 @@ def write_results(run: Path, target: str, report: dict) -> list[Path]:
     """RESULT.txt/.md/.csv/.json from the report (and figure3.png for figure3)."""
     from report import format_report, plot_win_rates
 
+    if not report["win_rates"]:
+        raise ValueError(f"{target}: no judgments to report in {run / 'judgments'} (a judge stage wrote none); "
+                         "check the judges and rerun")
     written = []
     for ext, fmt in (("txt", "text"), ("md", "markdown"), ("csv", "csv"), ("json", "json")):
         path = run / f"{target}.{ext}"

@@ -20,11 +20,51 @@ import json
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# --- writing: a full disk is one line --------------------------------------------------------------------
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError (files, matplotlib), RuntimeError (torch.save), and the
+    safetensors writer's own error, a plain Exception subclass from Rust ("No space left on device
+    (os error 28)")."""
+    from safetensors import SafetensorError
+    return OSError, RuntimeError, SafetensorError
+
+
+@contextmanager
+def writing(what: str, out: Path, remove: Path | None = None):
+    """Turn a failed write inside the block into one OSError line: what could not be written, why, and
+    the newest checkpoint in `out`, which a failed write never touches. `remove`: a temporary folder
+    deleted first."""
+    try:
+        yield
+    except write_errors() as e:
+        left = free_space(out)  # before the cleanup frees what the failed write took
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        previous = latest_checkpoint(out)
+        raise OSError(f"cannot write {what}: {reason} ({left} left on its disk); "
+                      + (f"{previous} is intact" if previous else "no checkpoint was written before")) from None
+
+
+def free_space(folder: Path) -> str:
+    """The space left on the filesystem holding `folder` (or its nearest existing parent), for people."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    return next(f"{free / 1024 ** k:.0f} {u}" for k, u in ((3, "GB"), (2, "MB"), (1, "KB"), (0, "bytes"))
+                if free >= 1024 ** k or k == 0)
+
 
 # --- RNG state -----------------------------------------------------------------------------------------
 
@@ -56,8 +96,8 @@ def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, o
                     step: int, config: dict, prompts_digest: str | None = None, rng: list | None = None) -> Path:
     """Write a checkpoint to a temporary folder and rename it: a crash never leaves half a checkpoint.
 
-    A failed write (a full disk) removes the temporary folder and raises OSError in one line; the
-    checkpoints already on disk are untouched. config: the run's settings (checked on resume).
+    A failed write (a full disk) removes the temporary folder and raises OSError in one line naming
+    the part that failed (`writing`); the checkpoints already on disk are untouched. config: the run's settings (checked on resume).
     prompts_digest: `prompts_sha` of the run's prompts. rng: every rank's RNG state, rank 0 first
     (default: this process's alone).
     """
@@ -66,17 +106,14 @@ def save_checkpoint(out: Path, name: str, model, tokenizer, generation_config, o
     model_gen_config = model.generation_config
     model.generation_config = generation_config  # ship the checkpoint's own sampling defaults
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()],
-                    "world_size": len(rng or [0]), "step": step, "config": config,
-                    "prompts_sha256": prompts_digest},
-                   tmp / "training_state.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(out)
-        raise OSError(f"cannot write {final}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                      + (f"{previous} is intact" if previous else "no earlier checkpoint exists")) from None
+        with writing(f"{final} (model weights)", out, remove=tmp):
+            model.save_pretrained(tmp, safe_serialization=True)
+        with writing(f"{final} (tokenizer)", out, remove=tmp):
+            tokenizer.save_pretrained(tmp)
+        with writing(f"{final} (training state)", out, remove=tmp):
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng or [rng_state()], "world_size": len(rng or [0]), "step": step, "config": config,
+                        "prompts_sha256": prompts_digest}, tmp / "training_state.pt")
     finally:
         model.generation_config = model_gen_config
     old = out / f".old-{name}"
@@ -169,5 +206,10 @@ def truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut off by the kill
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    with writing(str(path), path.parent):
+        try:
+            tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # the log itself is untouched
+            raise
     tmp.replace(path)

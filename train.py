@@ -56,7 +56,7 @@ from metrics import log_samples, plot_curves, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
 from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, rng_state, save_checkpoint,
-                  set_rng_state, truncate_log)
+                  set_rng_state, truncate_log, writing)
 from sampling import (Rollout, autocast, chat_prefix, load_generator, refresh_rollout_model, rendered_lengths,
                       rollout_model, sample)
 
@@ -406,9 +406,10 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             "stop_tokens": gen_tok.convert_ids_to_tokens(eos_ids), "prompts_sha256": digest,
             "world_size": ranks.world}
     if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
         print(json.dumps({"config": asdict(cfg), **seen}, indent=1, ensure_ascii=False), flush=True)
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
+        with writing(str(out / "config.json"), out):  # a full disk, as every write below: one line
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -498,7 +499,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 m.update(on_step(step + 1, rollout))
             history.append(m)
             if ranks.main:
-                with open(out / "metrics.jsonl", "a") as f:
+                with writing(str(out / "metrics.jsonl"), out), open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if upd["skipped"]:
                     tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped (weights unchanged)")
@@ -509,7 +510,9 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                         tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
                                                        [rollout.response[b, :int(rollout.mask[b].sum())].numpy()
                                                         for b in range(n)])
-                    for smp in log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples):
+                    with writing(str(out / "samples.jsonl"), out):
+                        samples = log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples)
+                    for smp in samples:
                         tqdm.write(f"[step {step + 1}] {smp['prompt'][:60]!r} -> {smp['response'][:120]!r}")
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}", s=f"{m['step_time']:.1f}")
             bar.update(1)
@@ -533,7 +536,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     if ranks.main:
         prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
         if (out / "metrics.jsonl").exists():
-            plot_curves(out / "metrics.jsonl", out / "curves.png")
+            with writing(str(out / "curves.png"), out):
+                plot_curves(out / "metrics.jsonl", out / "curves.png")
         print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
               flush=True)
     return history

@@ -265,6 +265,30 @@ def test_token_logprobs_divide_by_the_sampling_temperature(tiny_model):
     torch.testing.assert_close(ent[:, 1:], H, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_bf16_logits_are_capped_and_divided_in_float32(built, family):
+    """A bf16 model: the soft-cap and the temperature act on float32 logits, as sampling divides float32
+    logits. Dividing the bf16 logits first (then upcasting) moved log-probs by up to 0.15-0.32 nats here."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built[family], dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)  # logits of tens: bf16 keeps 8 bits of mantissa
+    torch.manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+        logits = F.linear(hidden, model.get_output_embeddings().weight).float()     # (N, V) the same bf16 matmul
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:].reshape(-1, 1)).squeeze(-1)
+        got = token_logprobs(model, ids, temperature=0.7, chunk_size=4096)[:, 1:].reshape(-1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_equal_rewards_get_exactly_zero_advantage_whatever_eps():
     """Three copies of 0.1 have a float mean of 0.10000000000000002: without the explicit equality
     check, eps = 0 would turn that rounding into unit advantages."""

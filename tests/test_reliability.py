@@ -389,3 +389,100 @@ def test_out_that_is_a_file_and_a_binary_judge_template(tmp_path, capsys):
     assert E.main(["judge", str(a), str(a), "--judge", "hf:x", "--out", str(tmp_path / "j.jsonl"), "--template",
                    str(template)]) == 2
     one_line_error(capsys, f"{template}: not UTF-8 text")
+
+
+# --- a full disk at every writer --------------------------------------------------------------------------
+
+def enospc_on_open(monkeypatch, where: str, nth: int) -> list:
+    """Make the nth opening for writing of a file whose path contains `where` fail as a full disk does:
+    OSError ENOSPC from open() itself."""
+    import builtins
+    import io
+
+    real_open, seen = builtins.open, []
+
+    def full(file, mode="r", *args, **kwargs):
+        path = Path(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else None
+        if path is not None and any(c in mode for c in "wax") and where in path.as_posix():
+            seen.append(path)
+            if len(seen) == nth:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io, "open", full)
+    return seen
+
+
+@pytest.mark.parametrize("writer,nth,what,intact", [
+    ("config.json", 1, "config.json", None),
+    ("metrics.jsonl", 2, "metrics.jsonl", "checkpoint-1"),
+    ("samples.jsonl", 2, "samples.jsonl", "checkpoint-1"),
+    ("tokenizer", 2, "checkpoint-2 (tokenizer)", "checkpoint-1"),
+    ("weights", 2, "checkpoint-2 (model weights)", "checkpoint-1"),
+    ("curves.png", 1, "curves.png", "checkpoint-3")])
+def test_a_full_disk_at_each_writer_is_one_line_and_keeps_the_checkpoint(built, four_prompts, tmp_path, monkeypatch,
+                                                                         capsys, writer, nth, what, intact):
+    """Each write a run makes, failing as a full disk fails (the OS's ENOSPC from open(); the safetensors
+    writer's own error, a plain Exception from Rust): one line naming what could not be written and the
+    checkpoint that is intact, no temporary folder left, exit 2."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    import transformers.modeling_utils as modeling_utils
+
+    if writer == "weights":
+        real, calls = modeling_utils.safe_save_file, []
+
+        def save_file(*a, **kw):
+            calls.append(1)
+            if len(calls) == nth:
+                raise SafetensorError("No space left on device (os error 28)")
+            return real(*a, **kw)
+        monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+    else:
+        enospc_on_open(monkeypatch, ".tmp-checkpoint-2/tokenizer" if writer == "tokenizer" else f"run/{writer}",
+                       nth if writer != "tokenizer" else 1)
+    out = tmp_path / "run"
+    code = T.main([str(a) for a in run_args(built, four_prompts, out, "--max-steps", 3, "--save-every", 1,
+                                            "--keep-checkpoints", 5)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: cannot write ") and "Traceback" not in "\n".join(err), err[-5:]
+    assert what in err[-1] and "No space left on device" in err[-1]
+    assert (f"{out / intact} is intact" if intact else "no checkpoint was written before") in err[-1]
+    assert not list(out.glob(".tmp-*"))
+    if intact:
+        AutoModelForCausalLM.from_pretrained(out / intact)
+        assert torch.load(out / intact / "training_state.pt", weights_only=True)["step"] == int(intact.split("-")[1])
+
+
+def test_a_real_full_disk_a_tmpfs_that_holds_one_checkpoint(built, four_prompts, tmp_path):
+    """train.py on a real filesystem too small for a second checkpoint (a tmpfs in a private mount
+    namespace): one line, checkpoint-1 intact and loadable, no temporary folder."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private tmpfs")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here ({probe.stderr.decode().strip()[:80]})")
+    sized = tmp_path / "sized"  # one step with its checkpoint, on the ordinary disk: the space that takes
+    assert cli(*run_args(built, four_prompts, sized, "--max-steps", 1, "--save-every", 1)).returncode == 0
+    one = sum(p.stat().st_size for p in (sized / "checkpoint-1").rglob("*") if p.is_file())
+    size_kb = (sum(p.stat().st_size for p in sized.rglob("*") if p.is_file()) + one // 2) // 1024 + 8
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    check = ("import json, pathlib, sys; from transformers import AutoModelForCausalLM; out = pathlib.Path(sys.argv[1]); "
+             "AutoModelForCausalLM.from_pretrained(out / 'checkpoint-1'); "
+             "print(json.dumps(sorted(p.name for p in out.iterdir())))")
+    args = " ".join(f"'{a}'" for a in run_args(built, four_prompts, mnt / "run", "--max-steps", 3, "--save-every", 1,
+                                                 "--keep-checkpoints", 5))
+    script = (f"mount -t tmpfs -o size={size_kb}k tmpfs '{mnt}' && cd '{ROOT}' && "
+              f"{sys.executable} train.py {args} 2>'{tmp_path}/err'; echo rc=$? && "
+              f"{sys.executable} -c \"{check}\" '{mnt / 'run'}'")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    err = (tmp_path / "err").read_text().strip().splitlines()
+    assert "rc=2" in r.stdout, (r.stdout, r.stderr[-2000:], err[-5:])
+    # torch.save's own words on a full disk are "unexpected pos ..."; the line adds the space left
+    assert err[-1].startswith(f"error: cannot write {mnt / 'run' / 'checkpoint-2'}") and " left on " in err[-1], err[-5:]
+    assert f"{mnt / 'run' / 'checkpoint-1'} is intact" in err[-1] and "Traceback" not in "\n".join(err)
+    names = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "checkpoint-1" in names and not [n for n in names if n.startswith(".tmp-")], names

@@ -141,3 +141,11 @@ def test_figure3_and_table2_share_a_folder_and_draw_their_results(built, four_pr
     table = json.loads((out / "table2.json").read_text())["tables"][0]
     assert table["header"] == ["row", "cme vs Base", "rent vs Base", "cme vs Instruct", "rent vs Instruct"]
     assert json.loads((out / "manifest.json").read_text())["stages"]["train-rent"]["config"]["reward"] == "rent"
+
+
+def test_a_result_with_no_judgments_is_one_line_not_a_traceback(tmp_path):
+    import reproduce
+
+    for target in ("table1", "table2", "figure3"):
+        with pytest.raises(ValueError, match=f"{target}: no judgments to report"):
+            reproduce.write_results(tmp_path, target, {"win_rates": [], "agreement": [], "table1": []})
