@@ -3,7 +3,7 @@
     python bench_train.py                          # CPU: tiny models built in a temp folder (what CI can run)
     python bench_train.py --device cuda --paper    # the paper's sizes: random-init Qwen2.5-0.5B generator and
                                                    # gemma-3-1b verifier (published configs), 16 prompts x 8 x
-                                                   # 512 new tokens, verifier in bf16
+                                                   # 2,048 new tokens (Appendix E), verifier in bf16
     python bench_train.py --gen DIR --verifier DIR --prompts-per-step 4 --max-new-tokens 64
     torchrun --nproc_per_node 2 bench_train.py     # the same step on 2 ranks (train.py's data parallelism)
 
@@ -75,11 +75,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gen", help="generator: hub id or folder (default: a tiny model, or --paper's)")
     ap.add_argument("--verifier", help="verifier: hub id or folder (default: a tiny model, or --paper's)")
-    ap.add_argument("--paper", action="store_true", help="random-init models at the paper's sizes, 16 x 8 x 512")
+    ap.add_argument("--paper", action="store_true", help="random-init models at the paper's sizes and settings, "
+                    "16 prompts x 8 x 2,048 new tokens (random weights rarely stop early: a real step's worst case)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ap.add_argument("--prompts-per-step", type=int, help="prompts per step (default: 4, or 16 with --paper)")
     ap.add_argument("--group-size", type=int, default=8, help="G (default: 8)")
-    ap.add_argument("--max-new-tokens", type=int, help="response length limit (default: 32, or 512 with --paper)")
+    ap.add_argument("--max-new-tokens", type=int, help="response length limit (default: 32, or 2,048 with --paper)")
     ap.add_argument("--micro-batch", type=int, default=4, help="responses per update micro-batch (default: 4)")
     ap.add_argument("--steps", type=int, default=2, help="measured steps (default: 2)")
     ap.add_argument("--warmup", type=int, default=1, help="steps run first and not measured (default: 1)")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-dtype", default="fp32", choices=["fp32", "bf16"], help="rollout weights (default: fp32)")
     args = ap.parse_args(argv)
     pps = args.prompts_per_step or (16 if args.paper else 4)
-    new = args.max_new_tokens or (512 if args.paper else 32)
+    new = args.max_new_tokens or (2048 if args.paper else 32)
     for name, value in (("--prompts-per-step", pps), ("--max-new-tokens", new), ("--steps", args.steps),
                         ("--group-size", args.group_size - 1), ("--micro-batch", args.micro_batch),
                         ("--warmup", args.warmup + 1)):

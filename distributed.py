@@ -110,3 +110,70 @@ def sync_gradients(model, ranks: Ranks) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+
+# --- stopping together -----------------------------------------------------------------------------------
+
+def barrier(ranks: Ranks, device) -> None:
+    """Wait until every rank is here (rank 0's checkpoint written, say); a no-op with one rank."""
+    all_sum([0.0], ranks, device)
+
+
+def leave(ranks: Ranks) -> None:
+    """Leave the job cleanly (every rank, after the last collective): a rank that exits with its process
+    group still open can abort in the backend's teardown while the others are still at work."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM, turned into a stop that every rank agrees on at fixed points of a step.
+
+        with StopRequest(ranks, device) as stop:
+            ...                      # long local work may check stop.requested and cut itself short
+            if stop.agreed(): ...    # a collective: every rank calls it at the same points
+
+    The first signal sets `requested` on the rank that got it; `agreed()` is True on every rank once
+    any rank has asked. A later signal aborts a single process at once (Ctrl-C twice); under torchrun it
+    is ignored, since torchrun's agent forwards the signal it got to every worker, often on top of the
+    same signal straight from a scheduler or a terminal, and the second must not abort the checkpoint
+    that answers the first. The agent's SIGKILL after its --shutdown-timeout stays the hard stop.
+    Handlers are installed only in the main thread (signals reach no other).
+    """
+
+    def __init__(self, ranks: Ranks, device, say=None):
+        self.ranks, self.device, self.say = ranks, device, say
+        self.requested = False   # this rank got a signal
+        self.stopping = False    # every rank agreed to stop
+        self._previous = {}
+
+    def _on_signal(self, signum, frame):
+        if self.requested:
+            if self.ranks.world == 1:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        if self.say is not None:
+            self.say("stopping: the newest complete step will be saved"
+                     + (" (Ctrl-C again to abort)" if self.ranks.world == 1 else ""))
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (what schedulers such as SLURM send before killing a job) takes the same path as Ctrl-C
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Whether any rank asked to stop (a collective with several ranks)."""
+        if not self.stopping:
+            self.stopping = all_sum([float(self.requested)], self.ranks, self.device)[0] > 0
+        return self.stopping

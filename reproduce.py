@@ -33,7 +33,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +49,7 @@ class Stage:
     manifest). inputs, outputs: paths or ids. config: everything that decides the output (compared with
     the manifest on a rerun). run: does (the rest of) the work. progress: () -> (units done, units in
     all). unit: what a unit is ("steps", "outputs", "judge calls"). seconds_per_unit: measured, or None.
+    basis: how the units were counted and what one costs depends on (for the dry run's prices).
     """
     name: str
     command: str
@@ -59,6 +60,7 @@ class Stage:
     progress: Callable[[], tuple[int, int]]
     unit: str
     seconds_per_unit: Callable[[], float | None] = lambda: None
+    basis: dict = field(default_factory=dict)
 
 
 # --- the stages ---------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def train_stage(run: Path, name: str, cfg) -> Stage:
 
     out = run / "train" / name
     cfg = replace(cfg, out=str(out), resume=False)
-    steps = planned_steps(cfg)
+    steps, counted = planned_steps(cfg)
     flags = [f"--{f.name.replace('_', '-')} {_quote(getattr(cfg, f.name))}" for f in fields(Config)
              if getattr(cfg, f.name) != f.default and f.name not in ("out", "resume")]
 
@@ -100,7 +102,11 @@ def train_stage(run: Path, name: str, cfg) -> Stage:
 
     return Stage(f"train-{name}", f"python train.py {' '.join(flags)} --out {out}", [cfg.gen, cfg.verifier, cfg.prompts],
                  [str(out)], {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE - {"max_steps"}},
-                 work, progress, "steps", seconds)
+                 work, progress, "steps", seconds,
+                 {"counted": counted, "bench": f"python bench_train.py --device cuda --paper --prompts-per-step "
+                  f"{cfg.prompts_per_step} --group-size {cfg.group_size} --max-new-tokens {cfg.max_new_tokens}",
+                  "settings": f"{cfg.prompts_per_step} prompts x G = {cfg.group_size}, up to {cfg.max_new_tokens} "
+                              f"new tokens, {cfg.reward} reward"})
 
 
 def final_checkpoint(run: Path, name: str) -> str:
@@ -108,15 +114,29 @@ def final_checkpoint(run: Path, name: str) -> str:
     return str(run / "train" / name / (run / "train" / name / "DONE").read_text().strip())
 
 
-def planned_steps(cfg) -> int:
-    """Optimizer steps a training config will run (its prompts counted when the file is local; a hub dataset
-    is assumed to hold at least --num-prompts, as UltraFeedback's 64k prompts do)."""
-    from train import load_prompts
+def planned_steps(cfg) -> tuple[int, str]:
+    """(optimizer steps a training config will run, how they were counted). A local prompt file is read
+    and, when the generator is a local folder, its prompts that train.fit_context drops (too long for the
+    context or --max-prompt-tokens) are left out, as training leaves them out; a hub dataset is assumed
+    to hold at least --num-prompts, as UltraFeedback's 64k prompts do."""
+    from train import fit_context, load_prompts
 
-    path = Path(cfg.prompts)
-    n = len(load_prompts(cfg)) if path.is_file() else cfg.num_prompts
+    if not Path(cfg.prompts).is_file():
+        n, how = cfg.num_prompts, f"assuming {cfg.prompts} holds --num-prompts {cfg.num_prompts} that all fit"
+    else:
+        prompts = load_prompts(cfg)
+        n, how = len(prompts), f"{len(prompts)} prompts"
+        if Path(cfg.gen).is_dir():
+            from types import SimpleNamespace
+
+            from transformers import AutoConfig, AutoTokenizer
+            model = SimpleNamespace(config=AutoConfig.from_pretrained(cfg.gen))  # the context, without the weights
+            n = len(fit_context(prompts, AutoTokenizer.from_pretrained(cfg.gen), model, cfg, verbose=False))
+            how = f"{n} of {len(prompts)} prompts fit the context and --max-prompt-tokens"
+        else:
+            how += " (the ones the context drops are not known without the generator's files)"
     total = (n // cfg.prompts_per_step) * cfg.epochs
-    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    return (min(total, cfg.max_steps) if cfg.max_steps > 0 else total), how
 
 
 def generate_stage(run: Path, name: str, model: Callable[[], str] | str, model_id: str, args) -> Stage:
@@ -218,7 +238,8 @@ def plan(target: str, run: Path, args) -> tuple[list[Stage], Callable[[], dict]]
         pairs = [(name, other) for name in trained for other in ("base", "instruct")]
     from train import check_config
     for name, c in trained.items():
-        check_config(c)  # one line naming a bad setting, before anything runs
+        check_config(replace(c, device="cpu") if args.dry_run else c)  # one line naming a bad setting, before
+        # anything runs; a dry run may plan for a GPU this machine does not have
         stages.append(train_stage(run, name, c))
     for name, model in models.items():
         stages.append(generate_stage(run, name, model, model, args))
@@ -316,11 +337,15 @@ def cost(stage: Stage, args) -> str:
     done, total = stage.progress()
     left = total - done
     if stage.unit == "steps":
-        per = stage.seconds_per_unit() or args.step_seconds
+        b = stage.basis
+        measured = stage.seconds_per_unit()
+        per, source = (measured, "measured on this stage's own steps") if measured else \
+            (args.step_seconds, f"--step-seconds, taken to be one step at this stage's settings: {b['settings']}")
         if per is None:
-            return f"{left} steps; time unknown (measure: python bench_train.py --device cuda --paper, then pass " \
-                   "--step-seconds)"
-        return f"{left} steps x {per:.1f} s = {left * per / 3600:.2f} GPU-hours"
+            return (f"{left} steps ({b['counted']}); time unknown: measure a step at this stage's settings "
+                    f"({b['bench']}) and pass --step-seconds")
+        hours = "GPU-hours" if args.device != "cpu" else "CPU-hours"
+        return f"{left} steps ({b['counted']}) x {per:.1f} s ({source}) = {left * per / 3600:.2f} {hours}"
     if stage.unit == "outputs":
         return f"{left} greedy outputs of up to {args.max_new_tokens} tokens"
     return f"{left:,} judge calls (identical output pairs are ties without a call)"

@@ -68,26 +68,33 @@ def free_space(folder: Path) -> str:
 
 # --- RNG state -----------------------------------------------------------------------------------------
 
-def rng_state() -> dict:
-    """This process's RNG states: Python, numpy, torch (and CUDA where present), as tensors and tuples
-    that torch.load(weights_only=True) reads back."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states: Python, numpy, torch, and the CUDA generator of `device` (the GPU this
+    rank samples on) alone, as tensors and tuples that torch.load(weights_only=True) reads back. Only
+    that GPU's: a resume under another CUDA_VISIBLE_DEVICES layout then gives each rank its own stream."""
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
                                                   *np_state[2:]),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what `rng_state` returned; its CUDA state goes to `device` (checkpoints before this held
+    every visible GPU's, a list: the entry of `device`'s ordinal is used)."""
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -144,19 +151,34 @@ def intact_checkpoint(out: Path, verbose: bool = True) -> tuple[Path, dict]:
     broken = []
     for _, path in reversed(found):
         try:
-            if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
-                raise ValueError("no model weights")
-            state = torch.load(path / "training_state.pt", weights_only=True)
-            if not {"optimizer", "scheduler", "rng", "step", "config"} <= state.keys():
-                raise ValueError("training_state.pt lacks fields")
-        except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return path, read_state(path)
+        except ValueError as e:
             if verbose:
-                print(f"warning: {path} is broken ({reason[:120]}); trying the checkpoint before it", file=sys.stderr)
+                print(f"warning: {path} is broken ({str(e)[:120]}); trying the checkpoint before it", file=sys.stderr)
             broken.append(path.name)
-            continue
-        return path, state
     raise ValueError(f"--resume: no intact checkpoint in {out} (broken: {', '.join(broken)})")
+
+
+def read_state(path: Path) -> dict:
+    """The training state of the checkpoint folder `path`, or one ValueError line saying what is wrong."""
+    try:
+        if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
+            raise ValueError("no model weights")
+        state = torch.load(path / "training_state.pt", weights_only=True)
+        if not {"optimizer", "scheduler", "rng", "step", "config"} <= state.keys():
+            raise ValueError("training_state.pt lacks fields")
+    except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways: pickle, zip, EOF, OS)
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return state
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of a model's parameters, in order: equal on every rank that loaded the same weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:

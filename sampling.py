@@ -162,23 +162,34 @@ class Rollout:
 def sample(model, tokenizer, prompts: list[str], group_size: int, eos_ids: list[int], device,
            temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 2048,
            system_prompt: str | None = None, batch_size: int = 128, static_cache: bool = False,
-           compile_decode: bool = False) -> Rollout:
+           compile_decode: bool = False, cut_short=None) -> Rollout:
     """Sample group_size responses to each prompt, batch_size rows per generate() call, left-padded.
 
     prompts: user prompts (rendered with `chat_prefix(tokenizer, p, system_prompt)`); eos_ids: the stop
     ids (`stop_token_ids`); the sampling values as in `sampling_config`. Draws from torch's global RNG.
+    cut_short: optional callable () -> bool, checked after every decoding step; when it says True the
+    responses end where they are (a run that was asked to stop drops such a rollout).
     """
     rows = [p for p in prompts for _ in range(group_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     gen_cfg = sampling_config(eos_ids, pad, temperature, top_p, max_new_tokens, static_cache, compile_decode)
     prompt_ids = [tokenizer(chat_prefix(tokenizer, p, system_prompt), add_special_tokens=False).input_ids
                   for p in rows]
+    criteria = None
+    if cut_short is not None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class CutShort(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), bool(cut_short()), dtype=torch.bool, device=input_ids.device)
+        criteria = StoppingCriteriaList([CutShort()])
     responses = []
     model.eval()
     for i in range(0, len(rows), batch_size):
         x, attn = left_pad(prompt_ids[i:i + batch_size], pad, device)
         with autocast(device):
-            out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg)
+            out = model.generate(input_ids=x, attention_mask=attn, generation_config=gen_cfg,
+                                 stopping_criteria=criteria)
         responses.extend(out[:, x.shape[1]:].cpu())
     T = max(r.shape[0] for r in responses)
     response = torch.full((len(rows), T), pad, dtype=torch.long)

@@ -11,6 +11,7 @@ from_pretrained, the path users take with hub models. No download anywhere.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,8 +51,12 @@ def build_sentencepiece(path: Path, corpus: list[str], gemma: bool, vocab_size: 
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
     trainer_tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    trainer_tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=120,
-                                                                show_progress=False))
+    # the 120 most frequent characters, ties broken by the character: the trainer's own limit_alphabet
+    # breaks ties in hash order, which made two builds of the same corpus differ
+    counts = Counter(c for line in corpus for c in line.replace(" ", "\u2581"))
+    alphabet = sorted(counts, key=lambda c: (-counts[c], c))[:120]
+    trainer_tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
+                                                                limit_alphabet=len(alphabet), show_progress=False))
     learned = json.loads(trainer_tok.to_str())["model"]
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials)}

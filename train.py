@@ -39,9 +39,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,13 +48,14 @@ import numpy as np
 import torch
 
 from align import vocab_bytes
-from distributed import Ranks, all_gather, all_gather_tensors, all_sum, init_ranks, rank_device, sync_gradients
+from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all_sum, barrier, init_ranks, leave,
+                         rank_device, sync_gradients)
 from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from metrics import log_samples, plot_curves, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
-from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, rng_state, save_checkpoint,
-                  set_rng_state, truncate_log, writing)
+from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, read_state, rng_state,
+                  save_checkpoint, set_rng_state, truncate_log, weights_digest, writing)
 from sampling import (Rollout, autocast, chat_prefix, load_generator, refresh_rollout_model, rendered_lengths,
                       rollout_model, sample)
 
@@ -84,7 +83,9 @@ class Config:
                      choices=["token", "sequence", "rent"])
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
-                          "token (the paper gives EOS none: it has no text); truncated responses get none")
+                          "token (the paper gives EOS none: it has no text); truncated responses get none. Near 0 "
+                          "at a natural ending, it is normalised with text tokens' (about -3): a standing bonus "
+                          "for stopping early that shortens responses (README, 'Choices the paper leaves open')")
     adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
                         "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)", check=">=0")
     system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
@@ -112,8 +113,9 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature", check=">0")
     top_p: float = _f(1.0, "nucleus sampling p", check="(0,1]")
     max_new_tokens: int = _f(2048, "maximum response length in generator tokens", check=">=1")
-    max_prompt_tokens: int = _f(0, "skip prompts longer than this many generator tokens, chat template included, "
-                                "with a count in the log (0: only the context limit; the authors' code uses 512)",
+    max_prompt_tokens: int = _f(512, "skip prompts longer than this many generator tokens, chat template included, "
+                                "with a count in the log, as the authors' code does (0: only the context limit; one "
+                                "long prompt left-pads and sizes the KV cache of all the step's rollouts)",
                                 check=">=0")
     lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)", check=">0")
     weight_decay: float = _f(0.0, "AdamW weight decay", check=">=0")
@@ -233,11 +235,13 @@ def fit_context(prompts: list[str], tokenizer, model, cfg: Config, verbose: bool
 
 # --- rollouts ----------------------------------------------------------------------------------------
 
-def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], device) -> Rollout:
-    """G responses to each of the step's prompts, sampled with the run's settings (sampling.sample)."""
+def generate(model, tokenizer, prompts: list[str], cfg: Config, eos_ids: list[int], device, cut_short=None) -> Rollout:
+    """G responses to each of the step's prompts, sampled with the run's settings (sampling.sample).
+    cut_short: () -> bool, ends the responses early when a stop was asked for."""
     return sample(model, tokenizer, prompts, cfg.group_size, eos_ids, device, temperature=cfg.temperature,
                   top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, system_prompt=cfg.system_prompt,
-                  batch_size=cfg.gen_batch, static_cache=cfg.cache == "static", compile_decode=cfg.compile_decode)
+                  batch_size=cfg.gen_batch, static_cache=cfg.cache == "static", compile_decode=cfg.compile_decode,
+                  cut_short=cut_short)
 
 
 # --- rewards -----------------------------------------------------------------------------------------
@@ -317,12 +321,13 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
 # --- the update --------------------------------------------------------------------------------------
 
 def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
-                  cfg: Config, device, ranks: Ranks = Ranks()) -> dict:
+                  cfg: Config, device, ranks: Ranks = Ranks(), stop: StopRequest | None = None) -> dict | None:
     """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches (and over ranks:
     `sync_gradients`).
 
     Returns metrics over the whole step; a non-finite loss or gradient norm skips the step on every
-    rank (weights untouched).
+    rank (weights untouched). With `stop`: a requested stop cuts the micro-batches short, and one that
+    every rank agrees on before the gradients are summed returns None with the weights untouched.
     """
     model.train()
     B = rollout.response.shape[0]
@@ -331,6 +336,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     tokens = 0.0
     for rows in micro_batches(rollout, cfg.micro_batch):  # longest first: little padding
+        if stop is not None and stop.requested:
+            break
         logp = policy_logprobs(model, rollout, rows, cfg, device)                 # (b, T) with grad
         ref_logp = None
         if ref_model is not None:
@@ -345,6 +352,9 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
         for k in ("clip_frac", "ratio_mean", "kl"):
             if k in m:
                 sums[k] += m[k].item() * n  # token-weighted, so the step's metric is over all its tokens
+    if stop is not None and stop.agreed():  # the step is dropped: nothing has touched the weights yet
+        optimizer.zero_grad(set_to_none=True)
+        return None
     sync_gradients(model, ranks)
     keys = ("loss", "clip_frac", "ratio_mean", "kl")
     *summed, tokens = all_sum([sums[k] for k in keys] + [tokens], ranks, device)
@@ -375,6 +385,29 @@ def lr_schedule(cfg: Config, total_steps: int):
 
 # --- the run -----------------------------------------------------------------------------------------
 
+def resume_point(out: Path, ranks: Ranks) -> tuple[Path, dict]:
+    """The checkpoint to resume from and its training state: rank 0 picks the newest intact one and
+    every rank reads that one, or the job stops with one line on every rank (ranks that picked on their
+    own from a filesystem they see differently would resume different steps, or hang)."""
+    path = error = None
+    if ranks.main:
+        try:
+            path = str(intact_checkpoint(out)[0])
+        except ValueError as e:
+            error = str(e)
+    path, error = all_gather((path, error), ranks)[0]
+    if error:
+        raise ValueError(error)
+    try:
+        state, problem = read_state(Path(path)), None
+    except ValueError as e:
+        state, problem = None, f"--resume: rank {ranks.rank} cannot read {path}, which rank 0 chose ({e})"
+    problems = [p for p in all_gather(problem, ranks) if p]
+    if problems:
+        raise ValueError(problems[0])
+    return Path(path), state
+
+
 def train(cfg: Config, on_step=None) -> list[dict]:
     """Run CME-GRPO as configured; return the per-step metrics.
 
@@ -388,7 +421,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     out = Path(cfg.out)
     device = rank_device(cfg.device, ranks)
     prompts = load_prompts(cfg)
-    resume_from, state = intact_checkpoint(out, ranks.main) if cfg.resume else (None, None)
+    resume_from, state = resume_point(out, ranks) if cfg.resume else (None, None)
     if state is not None:
         check_resume(cfg, state, prompts, RESUME_MAY_CHANGE)
         if state.get("world_size", 1) != ranks.world:
@@ -397,6 +430,12 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     digest = prompts_sha(prompts)
 
     model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
+    if resume_from is not None and ranks.world > 1:  # a filesystem that nodes see differently shows up here
+        loaded = all_gather((state["step"], weights_digest(model)), ranks)
+        if len(set(loaded)) > 1:
+            odd = next(r for r, x in enumerate(loaded) if x != loaded[0])
+            raise ValueError(f"--resume: rank {odd} loaded other weights or another step from {resume_from} than "
+                             "rank 0 (a shared filesystem that the nodes see differently?); fix the copies and resume")
     vocab_bytes(gen_tok)  # an unsupported tokenizer (WordPiece) fails here, before any rollout
     prompts = fit_context(prompts, gen_tok, model, cfg, ranks.main)
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
@@ -434,7 +473,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
-        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng)  # older checkpoints: one dict
+        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng, device)  # older checkpoints: one dict
         start = state["step"]
         if ranks.main:
             for f in ("metrics.jsonl", "samples.jsonl"):  # a kill after the checkpoint logged later steps
@@ -450,89 +489,92 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             for f in ("metrics.jsonl", "samples.jsonl"):
                 (out / f).unlink(missing_ok=True)
 
-    def checkpoint(step: int) -> Path | None:
-        rng = all_gather_tensors(rng_state(), ranks)  # every rank's RNG state; rank 0 writes
-        if not ranks.main:
-            return None
-        return save_checkpoint(out, f"checkpoint-{step}", model, gen_tok, shipped, optimizer, scheduler, step,
-                               asdict(cfg), digest, rng)
+    def checkpoint(step: int, rng: list) -> Path | None:
+        """Rank 0 writes checkpoint-<step> with every rank's RNG state after that step; every rank waits
+        for the write, so none leaves (or is killed by torchrun's agent for leaving) while it is made."""
+        path = None
+        if ranks.main:
+            path = save_checkpoint(out, f"checkpoint-{step}", model, gen_tok, shipped, optimizer, scheduler, step,
+                                   asdict(cfg), digest, rng)
+        barrier(ranks, device)
+        return path
 
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     per_rank = cfg.prompts_per_step // ranks.world
     history = []
     bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True, disable=not ranks.main)
-    # The first Ctrl-C or SIGTERM asks to stop at the end of the current step (checkpoint, exit 130); a
-    # second aborts. Under torchrun the ranks agree on it at each step's end, so they stop together.
-    stop_requested = []
+    # A stop (Ctrl-C, SIGTERM) saves the newest complete step: the step in flight is dropped at the next
+    # point where the ranks agree (after generation, after scoring, before the gradients are summed, at
+    # the step's end), so the checkpoint comes within seconds, not a whole step later (distributed.StopRequest).
+    stopper = StopRequest(ranks, device, say=tqdm.write if ranks.main else None)
+    rng = all_gather_tensors(rng_state(device), ranks)  # every rank's RNG after the newest complete step
+    done, saved = start, start   # the newest complete step, and the newest on disk (0: nothing yet)
+    updating = False             # between an optimizer step and the RNG gather that completes it
+    with stopper:  # installed until the last checkpoint is written: a signal meanwhile is one more request
+        try:
+            for step in range(start, stop):
+                t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                k = step % steps_per_epoch
+                batch = prompts[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
+                batch = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]  # whole groups: this rank's share
+                rollout = generate(sampler, gen_tok, batch, cfg, eos_ids, device, cut_short=lambda: stopper.requested)
+                if stopper.agreed():
+                    break
+                t1 = time.perf_counter()
+                adv, reward, cme, token_rewards = score(rollout, cfg, verifier, gen_tok, model, device)
+                if stopper.agreed():
+                    break
+                t2 = time.perf_counter()
+                upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks, stopper)
+                if upd is None:
+                    break
+                updating = True
+                refresh_rollout_model(sampler, model)
+                rng = all_gather_tensors(rng_state(device), ranks)
+                done, updating = step + 1, False
+                t3 = time.perf_counter()
 
-    def on_sigint(signum, frame):
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested.append(True)
-        if ranks.main:
-            tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGTERM (what schedulers such as SLURM send before killing a job) takes the same path as Ctrl-C
-    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    try:
-        for step in range(start, stop):
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            k = step % steps_per_epoch
-            batch = prompts[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step]
-            batch = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]  # whole groups: this rank's share
-            rollout = generate(sampler, gen_tok, batch, cfg, eos_ids, device)
-            t1 = time.perf_counter()
-            adv, reward, cme, token_rewards = score(rollout, cfg, verifier, gen_tok, model, device)
-            t2 = time.perf_counter()
-            upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks)
-            refresh_rollout_model(sampler, model)
-            t3 = time.perf_counter()
-
-            m = {"step": step + 1, **step_metrics(all_gather(step_record(rollout, adv, reward, cme, cfg.group_size, (t0, t1, t2, t3)),
-                                                             ranks)),
-                 **upd, "lr": scheduler.get_last_lr()[0]}
-            if device.type == "cuda":
-                m["peak_mem_gb"] = max(all_gather(torch.cuda.max_memory_allocated() / 2 ** 30, ranks))
-            if on_step is not None:
-                m.update(on_step(step + 1, rollout))
-            history.append(m)
-            if ranks.main:
-                with writing(str(out / "metrics.jsonl"), out), open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if upd["skipped"]:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped (weights unchanged)")
-                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                    tr = token_rewards
-                    if tr is None and verifier is not None:
-                        n = min(cfg.num_samples, len(rollout.texts))
-                        tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
-                                                       [rollout.response[b, :int(rollout.mask[b].sum())].numpy()
-                                                        for b in range(n)])
-                    with writing(str(out / "samples.jsonl"), out):
-                        samples = log_samples(out / "samples.jsonl", step + 1, rollout, tr, gen_tok, cfg.num_samples)
-                    for smp in samples:
-                        tqdm.write(f"[step {step + 1}] {smp['prompt'][:60]!r} -> {smp['response'][:120]!r}")
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}", s=f"{m['step_time']:.1f}")
-            bar.update(1)
-            stopping = all_sum([float(bool(stop_requested))], ranks, device)[0] > 0  # any rank asked
-            if (step + 1) % cfg.save_every == 0 and step + 1 < stop and not stopping:
-                checkpoint(step + 1)
+                record = step_record(rollout, adv, reward, cme, cfg.group_size, (t0, t1, t2, t3))
+                m = {"step": done, **step_metrics(all_gather(record, ranks)), **upd, "lr": scheduler.get_last_lr()[0]}
+                if device.type == "cuda":
+                    m["peak_mem_gb"] = max(all_gather(torch.cuda.max_memory_allocated() / 2 ** 30, ranks))
+                if on_step is not None:
+                    m.update(on_step(done, rollout))
+                history.append(m)
                 if ranks.main:
-                    prune_checkpoints(out, cfg.keep_checkpoints)
-            if stopping:
-                path = checkpoint(step + 1)
+                    log_step(out, m, cfg, rollout, token_rewards, verifier, gen_tok)
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}",
+                                s=f"{m['step_time']:.1f}")
+                bar.update(1)
+                if stopper.agreed():
+                    break
+                if done % cfg.save_every == 0 and done < stop:
+                    checkpoint(done, rng)
+                    saved = done
+                    if ranks.main:
+                        prune_checkpoints(out, cfg.keep_checkpoints)
+        except RuntimeError:  # what a collective raises when a peer is gone (DistBackendError and kin)
+            # A rank died under torchrun (the collective that waited for it fails): rank 0 still holds the
+            # newest complete step and every rank's RNG after it, so it saves that step on its own.
+            if ranks.world > 1 and ranks.main and not updating and done > saved:
                 bar.close()
-                if ranks.main:
-                    print(f"interrupted: saved {path}; continue with --resume", file=sys.stderr)
-                raise KeyboardInterrupt
-    finally:
-        bar.close()  # before any error message, which must be the last line
-        if main_thread:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    path = checkpoint(stop)
+                path = save_checkpoint(out, f"checkpoint-{done}", model, gen_tok, shipped, optimizer, scheduler,
+                                       done, asdict(cfg), digest, rng)
+                print(f"saved {path}, the newest complete step, before failing", file=sys.stderr)
+            raise
+        finally:
+            bar.close()  # before any error message, which must be the last line
+        if stopper.stopping:
+            path = checkpoint(done, rng) if done > saved else (out / f"checkpoint-{done}" if done else None)
+            leave(ranks)
+            if ranks.main:
+                print(f"interrupted: {f'saved {path}; continue with --resume' if path else 'no step was complete'}",
+                      file=sys.stderr)
+            raise KeyboardInterrupt
+        path = checkpoint(stop, rng)
+        leave(ranks)
     if ranks.main:
         prune_checkpoints(out, max(cfg.keep_checkpoints, 1))
         if (out / "metrics.jsonl").exists():
@@ -541,6 +583,28 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
               flush=True)
     return history
+
+
+def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, token_rewards, verifier, gen_tok) -> None:
+    """Rank 0's records of a step: its metrics line, and every --sample-every steps a few responses with
+    their per-token verifier surprise (scored here for Eq. 3 and RENT, whose rewards have no tokens)."""
+    from tqdm import tqdm
+
+    with writing(str(out / "metrics.jsonl"), out), open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(m) + "\n")
+    if m["skipped"]:
+        tqdm.write(f"step {m['step']}: non-finite loss or gradient, step skipped (weights unchanged)")
+    if cfg.sample_every and m["step"] % cfg.sample_every == 0:
+        tr = token_rewards
+        if tr is None and verifier is not None:
+            n = min(cfg.num_samples, len(rollout.texts))
+            tr, _ = verifier.token_rewards(rollout.prompts[:n], gen_tok,
+                                           [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(n)])
+        with writing(str(out / "samples.jsonl"), out):
+            samples = log_samples(out / "samples.jsonl", m["step"], rollout, tr, gen_tok, cfg.num_samples)
+        for smp in samples:
+            tqdm.write(f"[step {m['step']}] {smp['prompt'][:60]!r} -> {smp['response'][:120]!r}")
+
 
 # --- main --------------------------------------------------------------------------------------------
 

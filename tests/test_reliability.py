@@ -199,8 +199,8 @@ def test_a_huge_prompt_is_skipped_before_any_work(built, tmp_path):
     args = ["--gen", built["qwen2"], "--verifier", built["gemma3"], "--prompts", prompts, "--out", tmp_path / "run",
             "--group-size", 2, "--prompts-per-step", 1, "--max-new-tokens", 4, "--max-steps", 1, "--device", "cpu",
             "--sample-every", 0]
-    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "train.py", *map(str, [*args, "--max-prompt-tokens", 0])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # no cap: the context alone
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 of 4 prompts longer than 2044 tokens (the generator's context of 2048 tokens" in r.stderr
     from transformers import AutoTokenizer
@@ -486,3 +486,25 @@ def test_a_real_full_disk_a_tmpfs_that_holds_one_checkpoint(built, four_prompts,
     assert f"{mnt / 'run' / 'checkpoint-1'} is intact" in err[-1] and "Traceback" not in "\n".join(err)
     names = json.loads(r.stdout.strip().splitlines()[-1])
     assert "checkpoint-1" in names and not [n for n in names if n.startswith(".tmp-")], names
+
+
+def test_the_rng_state_keeps_only_the_sampling_gpus_generator(monkeypatch):
+    """A rank saves and restores the CUDA generator of the GPU it samples on, not every visible GPU's by
+    ordinal (a resume under another CUDA_VISIBLE_DEVICES layout would give it another GPU's stream, or
+    fail on a count mismatch). No GPU here: torch.cuda's generator functions are stood in for, the
+    rest is the real code."""
+    gens = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gens[torch.device(device).index].clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [g.clone() for g in gens.values()])
+
+    def set_state(state, device="cuda"):
+        gens[torch.device(device).index] = state.clone()
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every GPU"))
+    saved = runs.rng_state(torch.device("cuda", 1))
+    assert torch.equal(saved["cuda"], torch.tensor([1], dtype=torch.uint8))   # its own GPU's state only
+    gens[0], gens[1] = torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)
+    runs.set_rng_state(saved, torch.device("cuda", 0))  # resumed on another ordinal: that GPU gets it
+    assert gens[0].item() == 1 and gens[1].item() == 8
+    assert "cuda" not in runs.rng_state(torch.device("cpu"))

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -60,19 +58,16 @@ def test_table1_interrupted_and_rerun_gives_the_uninterrupted_table(built, four_
     assert manifest["stages"]["train-cme"]["config"]["max_steps"] == 3
     assert all("finished" in s for s in manifest["stages"].values())
 
-    # Interrupt once, mid-judging (Ctrl-C), then rerun the same command. The file watched is one whose two
-    # models differ (the tiny CME run's outputs may all equal the base's: ties written without a call).
-    proc = subprocess.Popen([sys.executable, "reproduce.py", *table1_args(built, four_prompts, eval_prompts, broken)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupt once, mid-judging (Ctrl-C right after the 30th judgment: 6 prompts x 2 replicates x 2 judges
+    # = 24 per comparison, so 6 into the second comparison), then rerun the same command.
+    r = subprocess.run([sys.executable, "tests/reproduce_hooks.py", "interrupt-after:30",
+                        *table1_args(built, four_prompts, eval_prompts, broken)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "rerun the same command to continue" in r.stderr and not (broken / "table1.json").exists()
+    counts = [p.read_bytes().count(b"\n") for p in sorted((broken / "judgments").glob("*.jsonl"))]
+    assert sum(counts) == 30 and sorted(counts) == [6, 24], counts  # stopped midway through the second
     first = broken / "judgments" / "instruct_vs_base.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (first.exists() and first.read_bytes().count(b"\n")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "rerun the same command to continue" in err and not (broken / "table1.json").exists()
-    assert 0 < first.read_bytes().count(b"\n") < 24  # stopped midway: 6 prompts x 2 replicates x 2 judges
 
     r = run(table1_args(built, four_prompts, eval_prompts, broken))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -89,10 +84,16 @@ def test_table1_interrupted_and_rerun_gives_the_uninterrupted_table(built, four_
 
 def test_dry_run_prints_the_plan_and_the_paper_sized_cost(tmp_path):
     r = run(["table1", "--gen", "Qwen/Qwen2.5-0.5B", "--instruct", "Qwen/Qwen2.5-0.5B-Instruct", "--judge", "api:a",
-             "--judge", "api:b", "--dry-run", "--out", str(tmp_path / "plan"), "--step-seconds", "30"])
+             "--judge", "api:b", "--dry-run", "--out", str(tmp_path / "plan"), "--step-seconds", "30", "--device",
+             "cuda"])
     assert r.returncode == 0, r.stderr
     assert "judge calls to make: 48,300" in r.stdout  # 805 prompts x 5 replicates x 2 judges x 6 comparisons
-    assert "312 steps x 30.0 s = 2.60 GPU-hours" in r.stdout  # 5,000 prompts / 16 per step, one epoch
+    assert "312 steps (assuming openbmb/UltraFeedback holds --num-prompts 5000 that all fit) x 30.0 s " \
+           "(--step-seconds, taken to be one step at this stage's settings: 16 prompts x G = 8, up to 2048 new " \
+           "tokens, token reward) = 2.60 GPU-hours" in r.stdout  # 5,000 prompts / 16 per step, one epoch
+    r = run(["table1", "--gen", "Qwen/Qwen2.5-0.5B", "--instruct", "Qwen/Qwen2.5-0.5B-Instruct", "--judge", "api:a",
+             "--dry-run", "--out", str(tmp_path / "plan"), "--device", "cpu", "--step-seconds", "30"])
+    assert "= 2.60 CPU-hours" in r.stdout  # what a CPU's measured step prices is not GPU time
     assert r.stdout.count("[to do]") == 1 + 4 + 6 and not (tmp_path / "plan").exists()
     r = run(["table2", "--gen", "Qwen/Qwen2.5-0.5B", "--instruct", "Qwen/Qwen2.5-0.5B-Instruct", "--judge", "api:a",
              "--dry-run", "--out", str(tmp_path / "plan")])
@@ -149,3 +150,17 @@ def test_a_result_with_no_judgments_is_one_line_not_a_traceback(tmp_path):
     for target in ("table1", "table2", "figure3"):
         with pytest.raises(ValueError, match=f"{target}: no judgments to report"):
             reproduce.write_results(tmp_path, target, {"win_rates": [], "agreement": [], "table1": []})
+
+
+def test_dry_run_counts_the_steps_left_after_the_context_drops_prompts(built, tmp_path):
+    """A local generator and prompt file: prompts over --max-prompt-tokens are not counted as steps,
+    as training skips them (2 long prompts of 6, 2 per step: 2 steps, not 3)."""
+    prompts = tmp_path / "p.jsonl"
+    rows = [f"Say {w}." for w in ("hi", "yes", "no", "ok")] + ["word " * 400, "text " * 600]
+    prompts.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in rows))
+    r = run(["table1", "--gen", str(built["qwen2"]), "--instruct", str(built["llama"]), "--judge", "api:a",
+             "--prompts", str(prompts), "--train", "prompts_per_step=2", "--train", "max_prompt_tokens=100",
+             "--max-new-tokens", "64",
+             "--dry-run", "--out", str(tmp_path / "plan"), "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    assert "2 steps (4 of 6 prompts fit the context and --max-prompt-tokens); time unknown" in r.stdout, r.stdout

@@ -474,3 +474,15 @@ def test_bench_train_prints_the_per_phase_table(capsys):
     assert set(rows) == {"generate", "score", "update", "step"}
     shares = sum(float(rows[p][2].rstrip("%")) for p in ("generate", "score", "update"))
     assert 95 <= shares <= 100.5 and "peak resident memory" in out
+
+
+def test_the_default_prompt_cap_keeps_one_long_prompt_from_sizing_every_rollout(built):
+    """At the defaults a prompt over 512 tokens is skipped, as the authors' code does: left-padded
+    with the step's other prompts it would size the KV cache of all G x 16 rollouts (an 8k-token prompt:
+    about 15 GiB of cache for Qwen2.5-0.5B; out of memory on 48 GB near 20k)."""
+    model, tok, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    long = "word " * 600
+    assert len(tok(S.chat_prefix(tok, long)).input_ids) > 512
+    kept = T.fit_context(["Say hi.", long, "Count to three."], tok, model, T.Config(prompts_per_step=1,
+                                                                                    max_new_tokens=64), verbose=False)
+    assert kept == ["Say hi.", "Count to three."]
