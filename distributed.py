@@ -10,11 +10,17 @@ global Eq. 2, so the update is the single-process update on the union of the rol
 (DistributedDataParallel would never synchronise here: grpo.token_logprobs calls the decoder and the
 output layer directly, not the model's forward.) `python train.py` is rank 0 of 1, and every function
 here is then a no-op or the identity.
+
+Stopping together (`StopRequest`): a signal to any rank becomes a stop all ranks agree on at fixed
+points of a step; rank 0 then writes the checkpoint while the others wait for it (`barrier`), so none
+leaves early, which torchrun's agent would take for a failure and answer by killing rank 0 mid-write.
 """
 from __future__ import annotations
 
 import io
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -160,15 +166,12 @@ class StopRequest:
                      + (" (Ctrl-C again to abort)" if self.ranks.world == 1 else ""))
 
     def __enter__(self) -> "StopRequest":
-        import signal
-        import threading
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (what schedulers such as SLURM send before killing a job) takes the same path as Ctrl-C
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
