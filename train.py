@@ -83,9 +83,10 @@ class Config:
                      choices=["token", "sequence", "rent"])
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
-                          "token (the paper gives EOS none: it has no text); truncated responses get none. Near 0 "
-                          "at a natural ending, it is normalised with text tokens' (about -3): a standing bonus "
-                          "for stopping early that shortens responses (README, 'Choices the paper leaves open')")
+                          "token (the paper gives EOS none: it has no text); truncated responses get none. It is "
+                          "normalised with the text tokens' rewards, so it is a standing bonus or penalty for "
+                          "stopping: measured, gemma-3-270m (base) gives 23-34 nats at SmolLM2's natural endings "
+                          "against about 4 for text, a penalty (README, 'Choices the paper leaves open')")
     adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
                         "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)", check=">=0")
     system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
