@@ -614,16 +614,27 @@ def main(argv=None) -> int:
     try:
         train(cfg)
     except KeyboardInterrupt:
-        return 130
+        return finish(130)
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory; try --micro-batch {max(1, cfg.micro_batch // 2)}, "
               f"--gen-batch {max(1, cfg.gen_batch // 2)} or --gradient-checkpointing", file=sys.stderr)
-        return 3
+        return finish(3)
     except (ValueError, OSError) as e:
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return finish(2)
+    return finish(0)
+
+
+def finish(code: int) -> int:
+    """The exit code; under torchrun the process ends here, once everything is written and the ranks
+    have met: the collective backend's C++ teardown at interpreter exit could otherwise abort a rank
+    (SIGABRT, seen with gloo) after a run that succeeded, and torchrun reports the job as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
