@@ -238,8 +238,8 @@ def plan(target: str, run: Path, args) -> tuple[list[Stage], Callable[[], dict]]
         pairs = [(name, other) for name in trained for other in ("base", "instruct")]
     from train import check_config
     for name, c in trained.items():
-        check_config(replace(c, device="cpu") if args.dry_run else c)  # one line naming a bad setting, before
-        # anything runs; a dry run may plan for a GPU this machine does not have
+        # one line naming a bad setting, before anything runs; a dry run may plan for a GPU this machine lacks
+        check_config(replace(c, device="cpu") if args.dry_run else c)
         stages.append(train_stage(run, name, c))
     for name, model in models.items():
         stages.append(generate_stage(run, name, model, model, args))
