@@ -46,7 +46,8 @@ from records import read_jsonl
 from reward import Verifier, load_causal_lm
 from sampling import chat_prefix, load_generator, sample
 from tiny import build_bytebpe, build_model, build_sentencepiece
-from train import Config, train
+from config import Config
+from train import train
 
 # --- the toy language --------------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ COLUMNS = (("cme", "CME", "{:6.2f}"), ("grammatical", "gramm.", "{:6.0%}"), ("on
 def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     """Build the toy world, run CME-GRPO with the trained verifier and the two controls, print the table.
 
-    cfg: a train.Config; its seed, out (default runs/demo) and max_steps (default DEMO_STEPS) are used.
+    cfg: a config.Config; its seed, out (default runs/demo) and max_steps (default DEMO_STEPS) are used.
     Returns {"before": ..., "resampled": ..., "trained": ..., "random": ..., "uniform": ...}: each the
     held_out(...) dict of that generator (before training; before, another sampling seed; after each
     run), plus "<run>_curve": the run's per-step mean CME of its rollouts under the trained verifier.

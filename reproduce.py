@@ -72,9 +72,10 @@ def _quote(x) -> str:
 
 def train_stage(run: Path, name: str, cfg) -> Stage:
     """CME-GRPO (or RENT) training into run/train/NAME; done when train() has returned (DONE names the final
-    checkpoint). Its config is every setting that changes what is computed (train.RESUME_MAY_CHANGE are
+    checkpoint). Its config is every setting that changes what is computed (config.RESUME_MAY_CHANGE are
     not), and --max-steps: the outputs made from a finished run must not change under it."""
-    from train import RESUME_MAY_CHANGE, Config, train
+    from config import RESUME_MAY_CHANGE, Config
+    from train import train
 
     out = run / "train" / name
     cfg = replace(cfg, out=str(out), resume=False)
@@ -206,7 +207,7 @@ TABLE2 = [("cme", "base"), ("rent", "base"), ("cme", "instruct"), ("rent", "inst
 
 def train_config(args, **overrides):
     """train.py's Config: its defaults (Appendix E), the shrinking flags, --train KEY=VALUE, then overrides."""
-    from train import Config
+    from config import Config
 
     cfg = replace(Config(), gen=args.gen, verifier=args.verifier, seed=args.seed, device=args.device)
     for key, value in (("prompts", args.prompts), ("num_prompts", args.num_prompts), ("max_steps", args.max_steps),
@@ -236,7 +237,7 @@ def plan(target: str, run: Path, args) -> tuple[list[Stage], Callable[[], dict]]
         trained = {f"cme-{c}": replace(cfg, verifier=v, verifier_init="random" if c == "random" else "pretrained")
                    for c, v in conditions.items()}
         pairs = [(name, other) for name in trained for other in ("base", "instruct")]
-    from train import check_config
+    from config import check_config
     for name, c in trained.items():
         # one line naming a bad setting, before anything runs; a dry run may plan for a GPU this machine lacks
         check_config(replace(c, device="cpu") if args.dry_run else c)
@@ -422,8 +423,8 @@ def reproduce(target: str, args) -> dict | None:
 # --- command line -------------------------------------------------------------------------------------
 
 def _train_setting(text: str) -> tuple[str, object]:
-    """--train KEY=VALUE -> (field, value typed like train.Config's field)."""
-    from train import Config
+    """--train KEY=VALUE -> (field, value typed like config.Config's field)."""
+    from config import Config
 
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")

@@ -12,8 +12,8 @@ Each optimizer step (`train`, one pass of its loop):
      (grpo.py);
   3. update (`policy_update`): one AdamW step on the clipped objective of Eq. 2 (grpo.grpo_loss),
      accumulated over micro-batches (and over ranks under torchrun).
-Checkpoints and resume are runs.py's, the metrics line metrics.py's, and `python demo.py` runs the
-whole algorithm on an offline toy world with a ground truth.
+The settings are config.py's, checkpoints and resume runs.py's, the metrics line metrics.py's, and
+`python demo.py` runs the whole algorithm on an offline toy world with a ground truth.
 
 Departures from, and readings of, the paper:
   1. One policy update per rollout batch, as Appendix E's 128 completions per update imply: pi_old is
@@ -34,23 +34,23 @@ Departures from, and readings of, the paper:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align import vocab_bytes
+from config import RESUME_MAY_CHANGE, Config, check_config, parse_config
 from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all_sum, barrier, init_ranks, leave,
                          rank_device, sync_gradients)
-from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from metrics import log_samples, plot_curves, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
@@ -60,141 +60,6 @@ from sampling import (Rollout, autocast, chat_prefix, load_generator, refresh_ro
                       rollout_model, sample)
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
-
-
-# --- config ------------------------------------------------------------------------------------------
-
-def _f(default, help: str, **kw):
-    """A Config field: its default, its help text, and optionally `choices` or a range rule `check`
-    (">0", ">=1", "(0,1)", "(0,1]") that check_config enforces."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class Config:
-    """Every hyperparameter of a run; defaults from Appendix E of the paper."""
-    gen: str = _f("Qwen/Qwen2.5-0.5B", "generator to train: hub id or local folder")
-    verifier: str = _f("google/gemma-3-1b-it", "frozen verifier: hub id or local folder (Section 3 uses "
-                       "google/gemma-3n-E4B-it)")
-    verifier_init: str = _f("pretrained", "verifier weights: pretrained | random (Section 4 control) | "
-                            "uniform (every token costs log V: a pure-granularity control)",
-                            choices=["pretrained", "random", "uniform"])
-    reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2)",
-                     choices=["token", "sequence", "rent"])
-    mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
-    eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
-                          "token (the paper gives EOS none: it has no text); truncated responses get none. It is "
-                          "normalised with the text tokens' rewards, so it is a standing bonus or penalty for "
-                          "stopping: measured, gemma-3-270m (base) gives 23-34 nats at SmolLM2's natural endings "
-                          "against about 4 for text, a penalty (README, 'Choices the paper leaves open')")
-    adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
-                        "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)", check=">=0")
-    system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
-                                   "none (default: the template's own, e.g. Qwen2.5's 'You are Qwen...')")
-    prompts: str = _f("openbmb/UltraFeedback", "hub dataset id or dataset folder, or a local .jsonl / .json / "
-                      ".txt file")
-    prompt_field: str = _f("instruction", "field holding the prompt in dataset rows and JSON objects")
-    split: str = _f("train", "dataset split (hub datasets only)")
-    num_prompts: int = _f(5000, "seeded subset of the deduplicated prompts", check=">=1")
-    seed: int = _f(0, "seed for the prompt subset and order, sampling and the random verifier", check=">=0")
-    group_size: int = _f(8, "G: responses sampled per prompt", check=">=2")
-    prompts_per_step: int = _f(16, "prompts per optimizer step (x G responses, accumulated)", check=">=1")
-    micro_batch: int = _f(4, "responses per forward/backward micro-batch", check=">=1")
-    gen_batch: int = _f(128, "responses generated per generate() call", check=">=1")
-    cache: str = _f("dynamic", "KV cache of rollout generation: dynamic | static (preallocated; what torch.compile "
-                    "and CUDA graphs need; off until measured on a GPU, README)", choices=["dynamic", "static"])
-    compile_decode: bool = _f(False, "with --cache static on a GPU, let transformers compile the decode step "
-                              "(torch.compile, CUDA graphs); off until measured")
-    rollout_dtype: str = _f("fp32", "weights rollouts are sampled with: fp32 (the policy itself, bf16 autocast on "
-                            "GPU) | bf16 (a bf16 copy refreshed after every update: faster decode, +2 bytes per "
-                            "parameter; off until measured)", choices=["fp32", "bf16"])
-    verifier_dtype: str = _f("auto", "verifier weights: auto (bf16 on a GPU, as Appendix E; fp32 on a CPU) | bf16 "
-                             "(also on a CPU: 2.5x faster scoring on one with native bf16) | fp32",
-                             choices=["auto", "bf16", "fp32"])
-    temperature: float = _f(1.0, "sampling temperature", check=">0")
-    top_p: float = _f(1.0, "nucleus sampling p", check="(0,1]")
-    max_new_tokens: int = _f(2048, "maximum response length in generator tokens", check=">=1")
-    max_prompt_tokens: int = _f(512, "skip prompts longer than this many generator tokens, chat template included, "
-                                "with a count in the log, as the authors' code does (0: only the context limit; one "
-                                "long prompt left-pads and sizes the KV cache of all the step's rollouts)",
-                                check=">=0")
-    lr: float = _f(3e-6, "AdamW peak learning rate (Appendix E: 3e-6 Qwen, 5e-6 Llama)", check=">0")
-    weight_decay: float = _f(0.0, "AdamW weight decay", check=">=0")
-    warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0 over the epoch", check=">=0")
-    grad_clip: float = _f(1.0, "gradient-norm clip", check=">0")
-    clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2", check="(0,1)")
-    beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model", check=">=0")
-    epochs: int = _f(1, "passes over the prompts", check=">=1")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs", check=">=0")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, more compute")
-    verifier_token_budget: int = _f(16384, "padded tokens per verifier micro-batch", check=">=1")
-    logprob_chunk: int = _f(1024, "positions per output-layer chunk (float32 logits of this many exist)", check=">=1")
-    out: str = _f("runs/cme-grpo", "output folder: metrics, samples, checkpoints, curves")
-    save_every: int = _f(50, "checkpoint every N steps (and at the end)", check=">=1")
-    keep_checkpoints: int = _f(2, "intermediate checkpoints kept on disk", check=">=0")
-    sample_every: int = _f(10, "log samples with per-token verifier surprise every N steps", check=">=0")
-    num_samples: int = _f(2, "samples logged each time", check=">=0")
-    resume: bool = _f(False, "continue from the latest checkpoint in --out")
-    trust_remote_code: bool = _f(False, "allow model repos to run their own code")
-    device: str = _f("auto", "auto | cpu | cuda")
-    dist_timeout: int = _f(600, "torchrun: seconds a rank waits for the others in a collective before failing",
-                           check=">=1")
-
-
-def parse_config(argv=None) -> Config:
-    """Turn Config into a CLI: --field-name VALUE, booleans as --flag / --no-flag."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.type in ("bool", bool):
-            ap.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str, "str | None": str}[
-                f.type if isinstance(f.type, str) else f.type.__name__]
-            rule = f"; {meta['check']}" if "check" in meta else ""
-            default = "" if "default:" in meta["help"] else f" (default: {f.default}{rule})"
-            ap.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"),
-                            help=meta["help"] + default)
-    return Config(**vars(ap.parse_args(argv)))
-
-
-def _allowed(value: float, rule: str) -> bool:
-    """Whether value satisfies a range rule of a Config field: ">0", ">=1", "(0,1)", "(0,1]"."""
-    if rule.startswith(">="):
-        return value >= float(rule[2:])
-    if rule.startswith(">"):
-        return value > float(rule[1:])
-    lo, hi = map(float, rule[1:-1].split(","))
-    return (lo < value if rule[0] == "(" else lo <= value) and (value < hi if rule[-1] == ")" else value <= hi)
-
-
-def check_config(cfg: Config) -> None:
-    """Reject bad settings before any work, with one line naming the flag: every number against the
-    range its field declares (NaN and infinity included: --grad-clip nan would write NaN weights,
-    --grad-clip -1 trains backwards), and the device."""
-    for f in fields(Config):
-        rule, value, flag = f.metadata.get("check"), getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if rule is None:
-            continue
-        if not math.isfinite(value):
-            raise ValueError(f"{flag} {value}: must be a finite number")
-        if not _allowed(value, rule):
-            if f.name == "group_size":
-                raise ValueError(f"{flag} {value}: GRPO needs at least 2 responses per prompt")
-            raise ValueError(f"{flag} {value}: must be {rule.replace('>=', 'at least ').replace('>', 'above ')}"
-                             if rule[0] == ">" else f"{flag} {value}: must lie in {rule.replace(',', ', ')}")
-    rank_device(cfg.device)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ValueError(f"--out {cfg.out} is a file; name a folder for the run")
-
-
-# Settings a resumed run may change: where and how fast it runs, what it records, how far it goes. Any
-# other difference from the checkpoint's config would silently change what the run computes.
-RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
-                     "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
-                     "cache", "compile_decode", "rollout_dtype",
-                     "gradient_checkpointing", "trust_remote_code", "dist_timeout"}
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -610,7 +475,7 @@ def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, token_rewards, v
 # --- main --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, __doc__)
     try:
         train(cfg)
     except KeyboardInterrupt:
