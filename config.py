@@ -77,6 +77,16 @@ class Config:
     grad_clip: float = _f(1.0, "gradient-norm clip", check=">0")
     clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2", check="(0,1)")
     beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model", check=">=0")
+    num_iterations: int = _f(1, "mu: policy updates per rollout batch (GRPO's mu). The old log-probs are computed once, "
+                             "before the first, so Eq. 2's clip acts from the second; 1 (the paper): rho = 1",
+                             check=">=1")
+    loss_type: str = _f("grpo", "how Eq. 2's per-token terms are averaged: grpo (the paper: per response, then over "
+                        "responses) | dr_grpo (Dr. GRPO: summed, over G x --max-new-tokens) | token (DAPO: over every "
+                        "token of the step)", choices=["grpo", "dr_grpo", "token"])
+    clip_eps_high: float = _f(0.0, "upper clip epsilon, DAPO's clip-higher (0: --clip-eps, the paper's symmetric clip)",
+                              check=">=0")
+    mask_truncated: bool = _f(False, "leave responses cut at --max-new-tokens out of the loss (DAPO's overlong "
+                              "filtering; they still count in their group's advantages)")
     epochs: int = _f(1, "passes over the prompts", check=">=1")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: all); the schedule still spans the epochs", check=">=0")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, more compute")

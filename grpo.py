@@ -19,6 +19,12 @@ Choices the paper leaves open, stated here once:
   4. |y_i| counts every response token (the loss mask). Tokens the reward masks keep A = 0, so they
      add nothing to the policy term, but they still count in |y_i| and in the KL term.
 
+Variants from the GRPO literature, off by default (`grpo_loss`'s loss_type and clip_eps_high):
+  - "dr_grpo" (Liu et al. 2025, "Understanding R1-Zero-Like Training"): sum_t instead of 1/|y_i| sum_t,
+    divided by the constant G * L_max, so a long response's tokens weigh as much as a short one's;
+  - "token" (DAPO, Yu et al. 2025): every token of the step weighs the same, 1 / sum_i |y_i|;
+  - clip_eps_high (DAPO's clip-higher): the ratio is clipped to [1 - eps, 1 + eps_high].
+
 Shape letters: B responses (B = number of prompts x G), G group size, T generator tokens, L sequence
 length (prompt + response), V vocabulary, H hidden size.
 """
@@ -28,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SIGMA_FLOOR", "token_logprobs", "per_position_advantages", "sequence_advantages", "grpo_loss"]
+__all__ = ["SIGMA_FLOOR", "LOSS_TYPES", "token_logprobs", "per_position_advantages", "sequence_advantages", "grpo_loss"]
+
+LOSS_TYPES = ("grpo", "dr_grpo", "token")
+"""How `grpo_loss` aggregates per-token terms: Eq. 2's per-sequence mean, Dr. GRPO's constant, DAPO's token mean."""
 
 SIGMA_FLOOR = 0.02
 """Nats. A reward spread at or below this is numerical noise, not signal: its advantages are 0.
@@ -175,8 +184,9 @@ def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = SIG
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               clip_eps: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
-              num_sequences: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The CME-GRPO objective, Eq. (2).
+              num_sequences: int | None = None, loss_type: str = "grpo", clip_eps_high: float | None = None,
+              max_length: int | None = None, num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """The CME-GRPO objective, Eq. (2), and its variants (module docstring).
 
     logp: (B, T) float, log pi_theta(y_{i,t} | ...) with gradient.
     old_logp: (B, T) float, log pi_theta_old at sampling time (no gradient; equal to logp.detach()
@@ -186,6 +196,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     clip_eps: the PPO clip epsilon. beta: KL coefficient; ref_logp (B, T) is required when beta > 0.
     num_sequences: the "G" of Eq. 2's 1/G, i.e. responses in the whole optimizer step when the step
         is split into micro-batches (default B).
+    loss_type: "grpo" (Eq. 2) | "dr_grpo" | "token" (LOSS_TYPES).
+    clip_eps_high: upper clip epsilon (default clip_eps: Eq. 2's symmetric clip).
+    max_length: dr_grpo's L_max, the response-length limit (default T).
+    num_tokens: token's normaliser, the loss-mask tokens of the whole optimizer step (default mask.sum()).
+    Each normaliser is fixed by the caller for the whole step, so summing micro-batch losses gives the
+    full-batch loss and gradient, for every loss_type.
     Returns (loss, metrics): loss a scalar tensor; metrics detached 0-dim tensors over valid tokens
     only: clip_frac (share of tokens whose clip is active), ratio_mean, kl (when ref_logp is given),
     tokens (the count they are averaged over, for weighting across micro-batches).
@@ -198,23 +214,31 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError(f"advantages of shape {tuple(advantages.shape)} fit neither (B,) nor (B, T) = {(B, T)}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: must be one of {', '.join(LOSS_TYPES)}")
     num_sequences = B if num_sequences is None else num_sequences
+    clip_high = clip_eps if clip_eps_high is None else clip_eps_high
     length = m.sum(1).clamp(min=1)                                        # (B,) |y_i|
 
     ratio = torch.exp(logp - old_logp)                                    # rho_{i,t}
     pg1 = ratio * advantages
-    pg2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    pg2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_high) * advantages
     per_token = -torch.min(pg1, pg2)                                      # Eq. 2, policy term
     if ref_logp is not None:
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1                                 # k3 estimator per token
         if beta > 0:
             per_token = per_token + beta * kl
-    loss = ((per_token * m).sum(1) / length).sum() / num_sequences        # 1/G sum_i 1/|y_i| sum_t
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(1) / length).sum() / num_sequences    # Eq. 2: 1/G sum_i 1/|y_i| sum_t
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (num_sequences * (max_length or T))  # 1/(G L_max) sum_i sum_t
+    else:
+        loss = (per_token * m).sum() / max(num_tokens or m.sum().item(), 1)  # 1/(sum_i |y_i|) sum_i sum_t
 
     with torch.no_grad():
         n = m.sum().clamp(min=1)
-        clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_eps) & (advantages > 0))
+        clipped = ((ratio < 1 - clip_eps) & (advantages < 0)) | ((ratio > 1 + clip_high) & (advantages > 0))
         metrics = {"clip_frac": (clipped * m).sum() / n, "ratio_mean": (ratio * m).sum() / n, "tokens": m.sum()}
         if ref_logp is not None:
             metrics["kl"] = (kl * m).sum() / n

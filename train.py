@@ -10,8 +10,9 @@ Each optimizer step (`train`, one pass of its loop):
   2. reward and advantages (`score`): each response scored by the frozen verifier, Eq. 1 per token or
      Eq. 3 per sequence (reward.py), advantages normalised per prompt group, per position for Eq. 1
      (grpo.py);
-  3. update (`policy_update`): one AdamW step on the clipped objective of Eq. 2 (grpo.grpo_loss),
-     accumulated over micro-batches (and over ranks under torchrun).
+  3. update (`update`, `policy_update`): one AdamW step on the clipped objective of Eq. 2
+     (grpo.grpo_loss), accumulated over micro-batches (and over ranks under torchrun); --num-iterations
+     mu > 1 makes it mu steps on the same rollout.
 The settings are config.py's, checkpoints and resume runs.py's, the metrics line metrics.py's, and
 `python demo.py` runs the whole algorithm on an offline toy world with a ground truth.
 
@@ -19,6 +20,8 @@ Departures from, and readings of, the paper:
   1. One policy update per rollout batch, as Appendix E's 128 completions per update imply: pi_old is
      the policy that sampled, so rho = 1 at the update (old_logp = logp.detach()) and the clip is
      inactive; Eq. 2 is still computed in full (grpo.grpo_loss) and its clip fraction logged.
+     `--num-iterations mu` reuses each rollout for mu updates (GRPO's mu), where the clip acts;
+     `--loss-type`, `--clip-eps-high` and `--mask-truncated` are the literature's variants of Eq. 2.
   2. Sampling uses exactly the configured values, none of the checkpoint's generation_config, and
      prompts go through the generator's chat template (sampling.py, items 1-3).
   3. `--reward rent` is the self-entropy baseline of Table 2: r_i = -(mean token entropy of the
@@ -186,11 +189,31 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
 
 # --- the update --------------------------------------------------------------------------------------
 
+def loss_mask(rollout: Rollout, cfg: Config) -> torch.Tensor:
+    """(B, T) bool, the tokens Eq. 2 averages over: every response token, less the responses cut at
+    --max-new-tokens under --mask-truncated."""
+    return rollout.mask & ~rollout.truncated[:, None] if cfg.mask_truncated else rollout.mask
+
+
+def old_logprobs(model, rollout: Rollout, cfg: Config, device) -> torch.Tensor:
+    """log pi_old on the rollout's response tokens, (B, T) float32 on device: the policy before the step's
+    first update, computed once so that --num-iterations' later updates see rho != 1."""
+    with torch.no_grad():
+        old = torch.zeros(rollout.response.shape, device=device)
+        for rows in micro_batches(rollout, cfg.micro_batch):
+            old[rows] = policy_logprobs(model, rollout, rows, cfg, device)
+    return old
+
+
 def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor,
-                  cfg: Config, device, ranks: Ranks = Ranks(), stop: StopRequest | None = None) -> dict | None:
+                  cfg: Config, device, ranks: Ranks = Ranks(), stop: StopRequest | None = None,
+                  old_logp: torch.Tensor | None = None) -> dict | None:
     """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches (and over ranks:
     `sync_gradients`).
 
+    old_logp: (B, T) log pi_old (`old_logprobs`); None: the policy being updated sampled the rollout,
+        so old_logp = logp.detach() and rho = 1 (the paper's single update per rollout).
+    scheduler: stepped after the update (None: not stepped).
     Returns metrics over the whole step; a non-finite loss or gradient norm skips the step on every
     rank (weights untouched). With `stop`: a requested stop cuts the micro-batches short, and one that
     every rank agrees on before the gradients are summed returns None with the weights untouched.
@@ -198,6 +221,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
     model.train()
     B = rollout.response.shape[0]
     num_sequences = B * ranks.world  # Eq. 2's 1/G over the whole step (every rank), fixed before the loop
+    mask = loss_mask(rollout, cfg)
+    num_tokens = all_sum([mask.sum().item()], ranks, device)[0] if cfg.loss_type == "token" else None
     optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     tokens = 0.0
@@ -209,8 +234,10 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
         if ref_model is not None:
             with torch.no_grad():
                 ref_logp = policy_logprobs(ref_model, rollout, rows, cfg, device)
-        loss, m = grpo_loss(logp, logp.detach(), advantages[rows].to(device), rollout.mask[rows].to(device),
-                            cfg.clip_eps, cfg.beta, ref_logp, num_sequences=num_sequences)  # rho = 1
+        old = logp.detach() if old_logp is None else old_logp[rows]                # rho = 1 / rho
+        loss, m = grpo_loss(logp, old, advantages[rows].to(device), mask[rows].to(device), cfg.clip_eps, cfg.beta,
+                            ref_logp, num_sequences, cfg.loss_type, cfg.clip_eps_high or None, cfg.max_new_tokens,
+                            num_tokens)
         loss.backward()
         n = m["tokens"].item()
         tokens += n
@@ -231,12 +258,35 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
     out = {"loss": sums["loss"], "grad_norm": grad_norm, "skipped": skipped,
            "clip_frac": sums["clip_frac"] / max(tokens, 1), "ratio_mean": sums["ratio_mean"] / max(tokens, 1)}
     if ref_model is not None:
         out["kl"] = sums["kl"] / max(tokens, 1)
     return out
+
+
+def update(model, ref_model, optimizer, scheduler, rollout: Rollout, advantages: torch.Tensor, cfg: Config, device,
+           ranks: Ranks = Ranks(), stop: StopRequest | None = None) -> dict | None:
+    """The step's --num-iterations updates on one rollout (`policy_update`), all against the policy that
+    sampled it (`old_logprobs`); the learning-rate schedule advances once per step. Returns the metrics
+    averaged over the updates, or None when a stop came before the first changed the weights (a stop
+    later lets the step finish, so a saved step is whole)."""
+    if cfg.num_iterations == 1:  # the paper's one update: old_logp = logp.detach(), rho = 1
+        return policy_update(model, ref_model, optimizer, scheduler, rollout, advantages, cfg, device, ranks, stop)
+    old = old_logprobs(model, rollout, cfg, device)
+    runs = []
+    for i in range(cfg.num_iterations):
+        upd = policy_update(model, ref_model, optimizer, None, rollout, advantages, cfg, device, ranks,
+                            stop if i == 0 else None, old)
+        if upd is None:
+            return None
+        runs.append(upd)
+    if not all(u["skipped"] for u in runs):
+        scheduler.step()
+    out = {k: sum(u[k] for u in runs) / len(runs) for k in runs[0] if k != "skipped"}
+    return {**out, "skipped": all(u["skipped"] for u in runs), "clip_frac_last": runs[-1]["clip_frac"]}
 
 
 def lr_schedule(cfg: Config, total_steps: int):
@@ -393,7 +443,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 if stopper.agreed():
                     break
                 t2 = time.perf_counter()
-                upd = policy_update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks, stopper)
+                upd = update(model, ref_model, optimizer, scheduler, rollout, adv, cfg, device, ranks, stopper)
                 if upd is None:
                     break
                 updating = True

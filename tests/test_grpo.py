@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo import SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import LOSS_TYPES, SIGMA_FLOOR, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 
 
 # --- advantages --------------------------------------------------------------------------------------
@@ -185,6 +185,81 @@ def test_padding_and_micro_batches_do_not_change_loss_or_gradient():
     torch.testing.assert_close(split.grad, full.grad)
 
 
+def oracle_loss(logp, old, adv, mask, eps, eps_high, beta, ref, loss_type, n_seq, max_len, n_tok):
+    """The loss variants written out token by token, with autograd through the loops."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        s, n = 0.0, 0
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                rho = torch.exp(logp[i, t] - old[i, t])
+                s = s - torch.minimum(rho * adv[i, t], torch.clamp(rho, 1 - eps, 1 + eps_high) * adv[i, t])
+                d = ref[i, t] - logp[i, t]
+                s = s + beta * (torch.exp(d) - d - 1)
+                n += 1
+        total = total + (s / max(n, 1) if loss_type == "grpo" else s)
+    return total / {"grpo": n_seq, "dr_grpo": n_seq * max_len, "token": max(n_tok, 1)}[loss_type]
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.sampled_from(LOSS_TYPES), st.integers(1, 4), st.integers(1, 6), st.sampled_from([0.0, 0.1]),
+       st.sampled_from([None, 0.28]), st.integers(0, 10_000))
+def test_loss_types_and_their_gradients_equal_a_slow_loop(loss_type, B, T, beta, eps_high, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = base + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5)
+    ref = base + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    n_seq, max_len, n_tok = B + 3, T + 2, int(mask.sum()) + 5  # a step larger than this micro-batch
+    fast_in, slow_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss, metrics = grpo_loss(fast_in, old, adv, mask, 0.2, beta, ref, n_seq, loss_type, eps_high, max_len, n_tok)
+    want = oracle_loss(slow_in, old, adv, mask, 0.2, eps_high or 0.2, beta, ref, loss_type, n_seq, max_len, n_tok)
+    assert math.isclose(loss.item(), torch.as_tensor(want).item(), rel_tol=1e-9, abs_tol=1e-12)
+    if mask.any():
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(fast_in.grad, slow_in.grad, rtol=1e-9, atol=1e-12)
+        ratio, a = torch.exp(base - old)[mask], adv[mask]
+        clipped = ((ratio < 0.8) & (a < 0)) | ((ratio > 1 + (eps_high or 0.2)) & (a > 0))
+        assert math.isclose(metrics["clip_frac"].item(), clipped.double().mean().item(), abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_is_additive_over_micro_batches(loss_type):
+    torch.manual_seed(3)
+    B, T = 6, 5
+    base = -torch.rand(B, T, dtype=torch.float64)
+    old = base + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, T, dtype=torch.float64)
+    mask = torch.rand(B, T) > 0.3
+    full = base.clone().requires_grad_()
+    loss, _ = grpo_loss(full, old, adv, mask, loss_type=loss_type, max_length=8)
+    loss.backward()
+    split, total = base.clone().requires_grad_(), 0.0
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        part, _ = grpo_loss(split[rows], old[rows], adv[rows], mask[rows], num_sequences=B, loss_type=loss_type,
+                            max_length=8, num_tokens=int(mask.sum()))
+        part.backward()
+        total = total + part.detach()
+    torch.testing.assert_close(total, loss.detach())
+    torch.testing.assert_close(split.grad, full.grad)
+
+
+def test_loss_types_weigh_long_and_short_responses_as_their_papers_say():
+    """On-policy with A = 1 on every token: d loss / d logp per token is -1/(|y_i| G) for Eq. 2 (a short
+    response's tokens weigh more), -1/(G L_max) for Dr. GRPO and -1/sum|y| for DAPO (every token alike)."""
+    mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    grads = {}
+    for loss_type in LOSS_TYPES:
+        logp = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+        grpo_loss(logp, logp.detach(), torch.ones(2, 4, dtype=torch.float64), mask, loss_type=loss_type,
+                  max_length=4)[0].backward()
+        grads[loss_type] = logp.grad[mask].tolist()
+    assert grads["grpo"] == [-1 / 2, -1 / 8, -1 / 8, -1 / 8, -1 / 8]
+    assert grads["dr_grpo"] == [-1 / 8] * 5 and grads["token"] == [-1 / 5] * 5
+
+
 def test_masked_tokens_get_no_gradient():
     logp = torch.zeros(2, 3, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]])
@@ -199,6 +274,8 @@ def test_bad_shapes_and_missing_reference():
         grpo_loss(x, x, torch.zeros(3), x.bool())
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(x, x, x, x.bool(), beta=0.1)
+    with pytest.raises(ValueError, match="loss_type 'dapo': must be one of grpo, dr_grpo, token"):
+        grpo_loss(x, x, x, x.bool(), loss_type="dapo")
 
 
 # --- token_logprobs against Hugging Face's own forward -----------------------------------------------

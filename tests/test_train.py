@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -412,15 +413,69 @@ def test_length_sorted_micro_batches_change_no_number_and_pad_less(built):
     def padded(groups):
         return sum(len(g) * int(total[g].max()) for g in groups)
     assert padded(batches) <= padded([list(range(i, i + 3)) for i in range(0, 9, 3)])
+    for loss_type in ("grpo", "dr_grpo", "token"):  # each normaliser is the whole step's
+        weights = []
+        for micro in (3, 9):
+            m, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+            opt = torch.optim.SGD(m.parameters(), lr=1.0)
+            T.policy_update(m, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
+                            T.Config(group_size=3, micro_batch=micro, grad_clip=1e9, loss_type=loss_type),
+                            torch.device("cpu"))
+            weights.append([p.detach().clone() for p in m.parameters()])
+        for a, b in zip(*weights):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_truncated_is_the_update_with_the_truncated_responses_given_no_advantage(built):
+    """--mask-truncated leaves the cut responses out of Eq. 2's sum but not out of its 1/G: the update
+    equals the one where those responses' advantages are 0, and differs from the plain one."""
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    torch.manual_seed(4)
+    cfg = T.Config(group_size=4, max_new_tokens=5, micro_batch=4, grad_clip=1e9)
+    rollout = T.generate(model, tok, ["Hi", "Count"], cfg, eos, torch.device("cpu"))
+    cut = torch.tensor([False, True, False, False, True, True, False, False])  # the tiny model rarely stops:
+    rollout = replace(rollout, truncated=cut)                                    # say which were cut
+    adv = torch.randn(rollout.response.shape) * rollout.mask
     weights = []
-    for micro in (3, 9):
+    for flag, a in ((True, adv), (False, adv * ~cut[:, None]), (False, adv)):
         m, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        T.policy_update(m, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), rollout, adv,
-                        T.Config(group_size=3, micro_batch=micro, grad_clip=1e9), torch.device("cpu"))
-        weights.append([p.detach().clone() for p in m.parameters()])
-    for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        T.policy_update(m, None, opt, None, rollout, a, replace(cfg, mask_truncated=flag), torch.device("cpu"))
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-7)
+    assert not torch.allclose(weights[0], weights[2])
+
+
+def test_num_iterations_reuses_the_rollout_and_the_clip_acts(built, monkeypatch):
+    """--num-iterations 2: the first update is the single update of mu = 1 (rho = 1 exactly), the second
+    sees rho != 1 and clips; the schedule advances once per step."""
+    torch.manual_seed(5)
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    cfg = T.Config(group_size=4, max_new_tokens=8, micro_batch=2, grad_clip=1e9, lr=0.05)
+    rollout = T.generate(model, tok, ["Hi", "Count"], cfg, eos, torch.device("cpu"))
+    adv = torch.randn(rollout.response.shape) * rollout.mask
+    runs = {}
+    for mu in (1, 2):
+        m, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+        opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        seen, real = [], T.policy_update
+
+        def spy(*a, **k):
+            out = real(*a, **k)
+            seen.append((out, torch.cat([p.detach().flatten() for p in m.parameters()])))
+            return out
+        with monkeypatch.context() as mp:
+            mp.setattr(T, "policy_update", spy)
+            runs[mu] = T.update(m, None, opt, sched, rollout, adv, replace(cfg, num_iterations=mu), torch.device("cpu"))
+        runs[mu, "seen"], runs[mu, "lr"] = seen, sched.get_last_lr()[0]
+    (one, w1), = runs[1, "seen"]
+    (first, w_first), (second, _) = runs[2, "seen"]
+    assert one["ratio_mean"] == 1.0 and first["ratio_mean"] == 1.0 and first["clip_frac"] == 0.0
+    torch.testing.assert_close(w_first, w1, rtol=0, atol=0)
+    assert second["ratio_mean"] != 1.0 and second["clip_frac"] > 0
+    assert runs[2]["clip_frac_last"] == second["clip_frac"] and runs[2]["clip_frac"] == second["clip_frac"] / 2
+    assert runs[1, "lr"] == runs[2, "lr"] == cfg.lr / 2
 
 
 def test_static_cache_rollouts_equal_the_dynamic_cache(built):
