@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distributed import rank_device
 from grpo import SIGMA_FLOOR
+from trackers import require
 
 __all__ = ["Config", "parse_config", "check_config", "RESUME_MAY_CHANGE"]
 
@@ -95,6 +96,9 @@ class Config:
     out: str = _f("runs/cme-grpo", "output folder: metrics, samples, checkpoints, curves")
     save_every: int = _f(50, "checkpoint every N steps (and at the end)", check=">=1")
     keep_checkpoints: int = _f(2, "intermediate checkpoints kept on disk", check=">=0")
+    report_to: str = _f("none", "stream the metrics, the config and sample tables to a tracker (rank 0): none | "
+                        "tensorboard | wandb (WANDB_MODE=offline for no network) | trackio; an optional package",
+                        choices=["none", "tensorboard", "wandb", "trackio"])
     sample_every: int = _f(10, "log samples with per-token verifier surprise every N steps", check=">=0")
     num_samples: int = _f(2, "samples logged each time", check=">=0")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
@@ -149,6 +153,7 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{flag} {value}: must be {rule.replace('>=', 'at least ').replace('>', 'above ')}"
                              if rule[0] == ">" else f"{flag} {value}: must lie in {rule.replace(',', ', ')}")
     rank_device(cfg.device)
+    require(cfg.report_to)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; name a folder for the run")
 
@@ -156,6 +161,6 @@ def check_config(cfg: Config) -> None:
 # Settings a resumed run may change: where and how fast it runs, what it records, how far it goes. Any
 # other difference from the checkpoint's config would silently change what the run computes.
 RESUME_MAY_CHANGE = {"out", "resume", "device", "max_steps", "save_every", "keep_checkpoints", "sample_every",
-                     "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
+                     "report_to", "num_samples", "micro_batch", "gen_batch", "verifier_token_budget", "logprob_chunk",
                      "cache", "compile_decode", "rollout_dtype",
                      "gradient_checkpointing", "trust_remote_code", "dist_timeout"}

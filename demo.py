@@ -40,13 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import Config
 from evaluate import run_generate
+from metrics import compression_ratio, mean_distinct
 from prompts import load_eval_prompts, read_prompt_file
 from records import read_jsonl
 from reward import Verifier, load_causal_lm
 from sampling import chat_prefix, load_generator, sample
 from tiny import build_bytebpe, build_model, build_sentencepiece
-from config import Config
 from train import train
 
 # --- the toy language --------------------------------------------------------------------------------
@@ -104,18 +105,6 @@ SUBJECT = re.compile(rf"\b{_alternatives(SUBJECTS)}\b")
 def prompt_subject(prompt: str) -> str:
     """The subject a toy prompt asks about: "What does the cat do?" -> "the cat"."""
     return SUBJECT.search(prompt).group(0)
-
-
-def distinct(words: list[str], n: int) -> float:
-    """Distinct-n of one response: unique n-grams / n-grams (nan when it has fewer than n words)."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
-
-
-def mean_distinct(responses: list[list[str]], n: int) -> float:
-    """Mean distinct-n over the responses that have at least n words (nan when none has)."""
-    values = [d for d in (distinct(w, n) for w in responses) if not np.isnan(d)]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def ground_truth(prompts: list[str], responses: list[str]) -> dict:
@@ -298,14 +287,11 @@ def response_stats(prompts: list[str], outputs: list[str], truncated: list[bool]
     within-response distinct-n over lower-cased words), compression (mean zlib-compressed / raw UTF-8
     bytes: repetition that has no spaces, "kakakaka", shows here and not in distinct-n), truncated
     (share), empty (count)}."""
-    import zlib
-
     cme = verifier.sequence_cme(prompts, outputs)
     words = [o.lower().split() for o in outputs]
-    raw = [o.encode("utf-8") for o in outputs]
+    ratios = [compression_ratio(o) for o in outputs if o]
     return {"cme": float(np.nanmean(cme)), "words": float(np.mean([len(w) for w in words])),
-            "compression": float(np.mean([len(zlib.compress(b, 9)) / len(b) for b in raw if b])) if any(raw)
-            else float("nan"),
+            "compression": float(np.mean(ratios)) if ratios else float("nan"),
             "distinct_1": mean_distinct(words, 1), "distinct_2": mean_distinct(words, 2),
             "truncated": float(np.mean(truncated)), "empty": int(np.isnan(cme).sum())}
 

@@ -31,18 +31,60 @@ def shared_share(rollout, group_size: int) -> float:
     return shared / max(int(rollout.mask.sum()), 1)
 
 
-def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times: tuple) -> dict:
+# --- collapse: repetition and sameness, measured on the rollouts as they happen ------------------------
+
+def distinct(words: list, n: int) -> float:
+    """Distinct-n of one response: unique n-grams / n-grams (nan when it has fewer than n items)."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def mean_distinct(responses: list[list], n: int) -> float:
+    """Mean distinct-n over the responses that have at least n items (nan when none has)."""
+    values = [d for d in (distinct(w, n) for w in responses) if not np.isnan(d)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def repeated_share(ids: list, n: int = 4) -> float:
+    """Share of a response's token n-grams that already occurred earlier in it (nan below n tokens).
+    On the generator's token ids, so a loop with no spaces ("kakakaka") counts, as words would not."""
+    seen, repeats, grams = set(), 0, [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else float("nan")
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed bytes / UTF-8 bytes of a text (nan when empty): repetition compresses, so a loop
+    scores low (0.17 for the syllable loops of the random-verifier run, 0.55 for SmolLM2's answers)."""
+    import zlib
+
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw, 9)) / len(raw) if raw else float("nan")
+
+
+def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times: tuple,
+                max_new_tokens: int | None = None) -> dict:
     """What one rank contributes to a step's metrics: raw per-response values.
 
     rollout: the rank's sampling.Rollout; adv: (B, T) or (B,) advantages; reward: (B,) per-response
     reward; cme: (B,) CME or None (RENT); times: perf_counter at the step's start, after generation,
-    after scoring and after the update."""
+    after scoring and after the update; max_new_tokens: the length limit (None: not recorded)."""
     t0, t1, t2, t3 = times
     groups = adv.reshape(-1, group_size * (adv.numel() // adv.shape[0]))
     shared = shared_share(rollout, group_size) * max(int(rollout.mask.sum()), 1)
+    ids = [rollout.response[b, :int(rollout.mask[b].sum())].tolist() for b in range(len(rollout.texts))]
+    words = [t.lower().split() for t in rollout.texts]
+    same = [len({tuple(x) for x in ids[g:g + group_size]}) == 1 for g in range(0, len(ids), group_size)]
     return {"reward": np.asarray(reward, dtype=np.float64), "cme": None if cme is None else np.asarray(cme),
             "lengths": rollout.mask.sum(1).numpy(), "truncated": rollout.truncated.numpy(),
             "zero_spread": (groups.abs().sum(1) == 0).numpy(), "shared": shared,
+            "distinct_1": np.array([distinct(w, 1) for w in words]),
+            "distinct_2": np.array([distinct(w, 2) for w in words]),
+            "repeated_4gram": np.array([repeated_share(x, 4) for x in ids]),
+            "compression": np.array([compression_ratio(t) for t in rollout.texts]),
+            "identical_groups": np.array(same), "limit": max_new_tokens,
             "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
 
 
@@ -66,7 +108,19 @@ def step_metrics(records: list[dict]) -> dict:
               "truncated": float(cat["truncated"].mean()), "tokens_per_s": float(lengths.sum() / t_step),
               "time_gen": float(t_gen), "time_score": float(t_score), "time_update": float(t_update),
               "step_time": float(t_step)})
+    for k in COLLAPSE_KEYS[:-2]:  # means over the responses they are defined for
+        x = np.concatenate([r[k] for r in records]).astype(np.float64)
+        m[k] = float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+    m["identical_groups"] = float(np.concatenate([r["identical_groups"] for r in records]).mean())
+    if records[0].get("limit"):
+        m["len_to_limit"] = float(lengths.mean() / records[0]["limit"])
     return m
+
+
+COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "identical_groups", "len_to_limit")
+"""The metrics line's collapse measures: within-response distinct-1/2 (words), the share of repeated token
+4-grams, the zlib compression ratio, the share of groups whose G responses are identical, mean length over
+the limit."""
 
 
 def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
@@ -96,10 +150,16 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
-            ("grad_norm", "grad norm")]
+            ("grad_norm", "grad norm"), ("distinct_1", "distinct-1 (words)"), ("distinct_2", "distinct-2 (words)"),
+            ("repeated_4gram", "repeated token 4-grams"), ("compression", "zlib compression ratio"),
+            ("identical_groups", "groups of identical responses"), ("len_to_limit", "length / limit")]
     keys = [(k, t) for k, t in keys if any(r.get(k) is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, (k, title) in zip(np.atleast_1d(axes), keys):
+    ncols = min(len(keys), 5)
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, (k, title) in zip(axes.flat, keys):
         ax.plot([r["step"] for r in rows], [r.get(k) for r in rows])
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -61,6 +61,7 @@ from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoint
                   save_checkpoint, set_rng_state, truncate_log, weights_digest, writing)
 from sampling import (Rollout, autocast, chat_prefix, load_generator, refresh_rollout_model, rendered_lengths,
                       rollout_model, sample)
+from trackers import Tracker, open_tracker
 
 # Shape letters: B responses in a step (prompts x G), G group size, T response tokens, L prompt+response.
 
@@ -365,6 +366,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         with writing(str(out / "config.json"), out):  # a full disk, as every write below: one line
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({**asdict(cfg), **seen}, indent=1, ensure_ascii=False))
+    tracker = open_tracker(cfg.report_to, out, {**asdict(cfg), **seen}) if ranks.main else Tracker()
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -452,7 +454,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 done, updating = step + 1, False
                 t3 = time.perf_counter()
 
-                record = step_record(rollout, adv, reward, cme, cfg.group_size, (t0, t1, t2, t3))
+                record = step_record(rollout, adv, reward, cme, cfg.group_size, (t0, t1, t2, t3), cfg.max_new_tokens)
                 m = {"step": done, **step_metrics(all_gather(record, ranks)), **upd, "lr": scheduler.get_last_lr()[0]}
                 if device.type == "cuda":
                     m["peak_mem_gb"] = max(all_gather(torch.cuda.max_memory_allocated() / 2 ** 30, ranks))
@@ -460,7 +462,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                     m.update(on_step(done, rollout))
                 history.append(m)
                 if ranks.main:
-                    log_step(out, m, cfg, rollout, token_rewards, verifier, gen_tok)
+                    log_step(out, m, cfg, rollout, reward, token_rewards, verifier, gen_tok, tracker)
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}",
                                 s=f"{m['step_time']:.1f}")
                 bar.update(1)
@@ -482,6 +484,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
             raise
         finally:
             bar.close()  # before any error message, which must be the last line
+            tracker.close()
         if stopper.stopping:
             path = checkpoint(done, rng) if done > saved else (out / f"checkpoint-{done}" if done else None)
             leave(ranks)
@@ -501,13 +504,16 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     return history
 
 
-def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, token_rewards, verifier, gen_tok) -> None:
+def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, reward, token_rewards, verifier, gen_tok,
+             tracker: Tracker = Tracker()) -> None:
     """Rank 0's records of a step: its metrics line, and every --sample-every steps a few responses with
-    their per-token verifier surprise (scored here for Eq. 3 and RENT, whose rewards have no tokens)."""
+    their per-token verifier surprise (scored here for Eq. 3 and RENT, whose rewards have no tokens);
+    both also go to the tracker (reward: (B,) per-response rewards, for its samples table)."""
     from tqdm import tqdm
 
     with writing(str(out / "metrics.jsonl"), out), open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(m) + "\n")
+    tracker.log(m, m["step"])
     if m["skipped"]:
         tqdm.write(f"step {m['step']}: non-finite loss or gradient, step skipped (weights unchanged)")
     if cfg.sample_every and m["step"] % cfg.sample_every == 0:
@@ -520,6 +526,8 @@ def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, token_rewards, v
             samples = log_samples(out / "samples.jsonl", m["step"], rollout, tr, gen_tok, cfg.num_samples)
         for smp in samples:
             tqdm.write(f"[step {m['step']}] {smp['prompt'][:60]!r} -> {smp['response'][:120]!r}")
+        tracker.log_samples([{"prompt": s["prompt"], "response": s["response"], "reward": float(reward[b]),
+                              "tokens": len(s["tokens"])} for b, s in enumerate(samples)], m["step"])
 
 
 # --- main --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import demo
+import metrics
 from conftest import real_model
 
 
@@ -42,8 +43,8 @@ def test_ground_truth_judges_single_responses(response, grammatical, on_topic):
 
 def test_distinct_n_counts_repeats_within_a_response():
     words = "a bird bird bird".split()
-    assert demo.distinct(words, 1) == 2 / 4 and demo.distinct(words, 2) == 2 / 3
-    assert math.isnan(demo.distinct(["one"], 2))
+    assert metrics.distinct(words, 1) == 2 / 4 and metrics.distinct(words, 2) == 2 / 3
+    assert math.isnan(metrics.distinct(["one"], 2))
     gt = demo.ground_truth(["Describe a bird, please."] * 2, ["a bird bird bird", "a bird sees the moon."])
     assert gt["distinct_1"] == pytest.approx((2 / 4 + 6 / 6) / 2) and gt["words"] == (4 + 6) / 2  # "." is a word
     assert gt["unique"] == 1.0 and demo.ground_truth(["Describe a bird, please."] * 3, ["a bird", "a bird", "x"])[

@@ -8,8 +8,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import ROOT
 
@@ -341,6 +344,41 @@ def test_shared_positions_metric_counts_the_common_opening():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     rollout = S.Rollout(["a"] * 4, [[0]] * 4, response, mask, torch.zeros(4, dtype=torch.bool), [""] * 4)
     assert M.shared_share(rollout, 2) == (2 * 2 + 2 * 3) / 14  # group 1 shares 2 tokens, group 2 shares 3
+
+
+@given(st.lists(st.integers(0, 3), max_size=30), st.integers(1, 4))
+def test_repeated_share_counts_ngrams_seen_earlier_in_the_response(ids, n):
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    got = M.repeated_share(ids, n)
+    if not grams:
+        assert math.isnan(got)
+    else:
+        assert got == sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams)
+
+
+def test_collapse_measures_of_a_step_and_their_union_over_ranks():
+    import zlib
+
+    texts = ["the cat sat", "the cat sat", "ka ka ka ka ka ka", "ok"]
+    response = torch.tensor([[1, 2, 3, 0, 0, 0], [1, 2, 3, 0, 0, 0], [4, 4, 4, 4, 4, 4], [5, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]).bool()
+    rollout = S.Rollout(["p"] * 2 + ["q"] * 2, [[0]] * 4, response, mask, torch.tensor([False, False, True, False]),
+                        texts)
+    adv, reward = torch.tensor([0.0, 0.0, 1.0, -1.0]), np.array([1.0, 1.0, 2.0, 0.0])
+    whole = M.step_metrics([M.step_record(rollout, adv, reward, None, 2, (0, 1, 2, 3), max_new_tokens=8)])
+    assert whole["identical_groups"] == 0.5                        # group 1's two responses are the same
+    assert whole["distinct_1"] == pytest.approx((1 + 1 + 1 / 6 + 1) / 4)
+    assert whole["distinct_2"] == pytest.approx((1 + 1 + 1 / 5) / 3)  # "ok" has no bigram: left out
+    assert whole["repeated_4gram"] == pytest.approx(2 / 3)          # only the loop has 4 tokens: 2 of 3 seen
+    ratios = [len(zlib.compress(x.encode(), 9)) / len(x.encode()) for x in texts]
+    assert whole["compression"] == pytest.approx(np.mean(ratios))
+    assert whole["len_to_limit"] == pytest.approx((3 + 3 + 6 + 1) / 4 / 8)
+    ranks = [M.step_record(S.Rollout(rollout.prompts[i:i + 2], rollout.prompt_ids[i:i + 2], response[i:i + 2],
+                                     mask[i:i + 2], rollout.truncated[i:i + 2], texts[i:i + 2]),
+                           adv[i:i + 2], reward[i:i + 2], None, 2, (0, 1, 2, 3), max_new_tokens=8) for i in (0, 2)]
+    split = M.step_metrics(ranks)                                   # two ranks, one group each
+    for k in M.COLLAPSE_KEYS:
+        assert split[k] == pytest.approx(whole[k]), k
 
 
 def test_system_prompt_default_text_and_none():
