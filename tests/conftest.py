@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One OpenMP thread per test process (and the subprocesses it starts), unless the caller sets it.
-# torch's default, a thread per core, spin-waits: two suites at once on a 2-core machine (two CI jobs)
-# ran a small training loop (3,000 AdamW steps of a 64-256-64 MLP) 12x slower than one alone (34.5 s
-# against 2.95 s), while one thread runs it, and the tiny models, as fast as two (2.8 s).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
 
