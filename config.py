@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distributed import rank_device
 from grpo import SIGMA_FLOOR
+from lora import require as require_peft
 from trackers import require
 
 __all__ = ["Config", "parse_config", "check_config", "RESUME_MAY_CHANGE"]
@@ -78,6 +79,12 @@ class Config:
     grad_clip: float = _f(1.0, "gradient-norm clip", check=">0")
     clip_eps: float = _f(0.2, "PPO clip epsilon of Eq. 2", check="(0,1)")
     beta: float = _f(0.0, "KL coefficient of Eq. 2; 0 loads no reference model", check=">=0")
+    lora_rank: int = _f(0, "train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the frozen "
+                        "weights in bf16 on a GPU; needs peft (lora.py)", check=">=0")
+    lora_alpha: float = _f(32.0, "LoRA alpha: the adapters' scale is alpha / rank", check=">0")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA adapters' input", check="[0,1)")
+    lora_target_modules: str = _f("all-linear", "modules given adapters: comma-separated names (q_proj,v_proj) or "
+                                  "all-linear (every linear layer but the output layer)")
     num_iterations: int = _f(1, "mu: policy updates per rollout batch (GRPO's mu). The old log-probs are computed once, "
                              "before the first, so Eq. 2's clip acts from the second; 1 (the paper): rho = 1",
                              check=">=1")
@@ -154,6 +161,11 @@ def check_config(cfg: Config) -> None:
                              if rule[0] == ">" else f"{flag} {value}: must lie in {rule.replace(',', ', ')}")
     rank_device(cfg.device)
     require(cfg.report_to)
+    if cfg.lora_rank:
+        require_peft()
+        if cfg.rollout_dtype != "fp32":
+            raise ValueError("--rollout-dtype bf16 copies the whole policy; with --lora-rank sample from the policy "
+                             "itself (--rollout-dtype fp32, whose frozen weights are already bf16 on a GPU)")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; name a folder for the run")
 

@@ -162,7 +162,9 @@ def intact_checkpoint(out: Path, verbose: bool = True) -> tuple[Path, dict]:
 def read_state(path: Path) -> dict:
     """The training state of the checkpoint folder `path`, or one ValueError line saying what is wrong."""
     try:
-        if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
+        full = (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+        adapter = (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+        if not (full or adapter):  # a full model, or a LoRA adapter (lora.py)
             raise ValueError("no model weights")
         state = torch.load(path / "training_state.pt", weights_only=True)
         if not {"optimizer", "scheduler", "rng", "step", "config"} <= state.keys():

@@ -40,11 +40,11 @@ class Tracker:
     def __init__(self, kind: str = "none", backend=None):
         self.kind, self.backend, self.failed = kind, backend, False
 
-    def _call(self, step: int | None, fn, *args) -> None:
+    def _call(self, step: int | None, method: str, *args) -> None:
         if self.backend is None or self.failed:
             return
         try:
-            fn(*args)
+            getattr(self.backend, method)(*args)
         except Exception as e:  # any error of the tracker's own: the run must go on
             self.failed = True
             where = f" at step {step}" if step is not None else ""
@@ -55,16 +55,15 @@ class Tracker:
         """metrics: the step's metrics line; its finite numbers are logged as scalars at `step`."""
         numbers = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
-        self._call(step, self.backend.log, numbers, step)
+        self._call(step, "log", numbers, step)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         """rows: dicts with the same keys (prompt, response, reward, ...), logged as one table at `step`."""
         if rows:
-            self._call(step, self.backend.table, rows, step)
+            self._call(step, "table", rows, step)
 
     def close(self) -> None:
-        if self.backend is not None:
-            self._call(None, self.backend.close)
+        self._call(None, "close")
 
 
 def require(kind: str) -> None:

@@ -54,6 +54,7 @@ from config import RESUME_MAY_CHANGE, Config, check_config, parse_config
 from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all_sum, barrier, init_ranks, leave,
                          rank_device, sync_gradients)
 from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from lora import add_adapters, load_adapters, reference
 from metrics import log_samples, plot_curves, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
@@ -233,7 +234,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
         logp = policy_logprobs(model, rollout, rows, cfg, device)                 # (b, T) with grad
         ref_logp = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), reference(model, ref_model):
                 ref_logp = policy_logprobs(ref_model, rollout, rows, cfg, device)
         old = logp.detach() if old_logp is None else old_logp[rows]                # rho = 1 / rho
         loss, m = grpo_loss(logp, old, advantages[rows].to(device), mask[rows].to(device), cfg.clip_eps, cfg.beta,
@@ -346,7 +347,16 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                              f"run has {ranks.world}; resume with the same number of processes")
     digest = prompts_sha(prompts)
 
-    model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
+    if cfg.lora_rank:  # frozen weights as they load (bf16 on a GPU), fp32 adapters: the only trained weights
+        model, gen_tok, shipped, eos_ids = load_generator(cfg.gen, device, cfg.trust_remote_code, dtype=None)
+        if resume_from is not None:
+            model = load_adapters(model, resume_from)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the adapters' random init: equal on every rank, in every run
+                model = add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    else:
+        model, gen_tok, shipped, eos_ids = load_generator(str(resume_from or cfg.gen), device, cfg.trust_remote_code)
     if resume_from is not None and ranks.world > 1:  # a filesystem that nodes see differently shows up here
         loaded = all_gather((state["step"], weights_digest(model)), ranks)
         if len(set(loaded)) > 1:
@@ -371,8 +381,12 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if cfg.lora_rank:
+            model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad
     ref_model = None
-    if cfg.beta > 0:  # beta = 0: no reference model is loaded at all
+    if cfg.beta > 0 and cfg.lora_rank:  # the reference is the policy with its adapters disabled (lora.reference)
+        ref_model = model
+    elif cfg.beta > 0:  # beta = 0: no reference model is loaded at all
         # loaded exactly like the policy (fp32, the same autocast), so KL = 0 before the first update
         ref_model = load_generator(cfg.gen, device, cfg.trust_remote_code)[0].requires_grad_(False).eval()
     verifier = None
@@ -384,7 +398,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         verifier = Verifier(vmodel, vtok, cfg.verifier_token_budget, cfg.logprob_chunk, cfg.mask_whitespace)
 
     sampler = rollout_model(model, cfg.rollout_dtype)  # the policy itself unless --rollout-dtype bf16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # every weight, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps))
     start = 0
     if resume_from is not None:
@@ -499,8 +514,9 @@ def train(cfg: Config, on_step=None) -> list[dict]:
         if (out / "metrics.jsonl").exists():
             with writing(str(out / "curves.png"), out):
                 plot_curves(out / "metrics.jsonl", out / "curves.png")
-        print(f"saved {path} (load it with AutoModelForCausalLM.from_pretrained); curves in {out / 'curves.png'}",
-              flush=True)
+        load = (f"a LoRA adapter: python lora.py merge {path} MERGED writes a full model" if cfg.lora_rank else
+                "load it with AutoModelForCausalLM.from_pretrained")
+        print(f"saved {path} ({load}); curves in {out / 'curves.png'}", flush=True)
     return history
 
 
