@@ -6,6 +6,7 @@
                                                    # 2,048 new tokens (Appendix E), verifier in bf16
     python bench_train.py --gen DIR --verifier DIR --prompts-per-step 4 --max-new-tokens 64
     torchrun --nproc_per_node 2 bench_train.py     # the same step on 2 ranks (train.py's data parallelism)
+    python bench_train.py --lora-rank 16           # full fine-tuning and LoRA side by side, memory included
 
 It runs train.py's own loop (`train.train`) on synthetic prompts for --warmup + --steps optimizer steps
 and prints, over the measured steps, each phase's seconds per step and share, response tokens per second
@@ -87,7 +88,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="rollout KV cache (default: dynamic)")
     ap.add_argument("--compile-decode", action="store_true", help="compile the decode step (with --cache static, GPU)")
     ap.add_argument("--rollout-dtype", default="fp32", choices=["fp32", "bf16"], help="rollout weights (default: fp32)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="also run the step with LoRA adapters of this rank, in a "
+                    "fresh process each, and print the two side by side (default: 0, full fine-tuning only)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one run's result, for --lora-rank
     args = ap.parse_args(argv)
+    if args.lora_rank and not args.json:
+        return side_by_side(argv, args.lora_rank)
     pps = args.prompts_per_step or (16 if args.paper else 4)
     new = args.max_new_tokens or (2048 if args.paper else 32)
     for name, value in (("--prompts-per-step", pps), ("--max-new-tokens", new), ("--steps", args.steps),
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
                        micro_batch=args.micro_batch, gen_batch=pps * args.group_size, device=args.device,
                        max_steps=args.warmup + args.steps, sample_every=0, save_every=10 ** 6, lr=1e-6,
                        warmup_steps=1, cache=args.cache, compile_decode=args.compile_decode,
-                       rollout_dtype=args.rollout_dtype)
+                       rollout_dtype=args.rollout_dtype, lora_rank=args.lora_rank)
         try:
             history = T.train(cfg)
         except (ValueError, OSError) as e:
@@ -132,6 +138,13 @@ def main(argv=None) -> int:
     measured = history[args.warmup:]
     mean = {k: sum(m[k] for m in measured) / len(measured)
             for k in ("time_gen", "time_score", "time_update", "step_time", "len_mean")}
+    if args.json:
+        gpu = torch.cuda.is_available() and rank_device(cfg.device).type == "cuda"
+        mean["peak_gb"] = (max(m["peak_mem_gb"] for m in measured) if gpu else
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+        mean["memory"] = "peak GPU memory allocated" if gpu else "peak resident memory of the process"
+        print("RESULT " + json.dumps(mean))
+        return 0
     tokens = mean["len_mean"] * pps * args.group_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"\nCME-GRPO step: {pps} prompts x G = {args.group_size}, up to {new} new tokens, {world} rank(s), "
@@ -146,6 +159,35 @@ def main(argv=None) -> int:
         print(f"\npeak GPU memory allocated: {max(m['peak_mem_gb'] for m in measured):.2f} GiB")
     else:
         print(f"\npeak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return 0
+
+
+def side_by_side(argv: list[str] | None, rank: int) -> int:
+    """The same benchmark, full fine-tuning and LoRA of `rank`, each in a fresh process (a process's peak
+    memory only grows), printed side by side."""
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--lora-rank" in argv:
+        i = argv.index("--lora-rank")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--lora-rank=")]
+    results = {}
+    for label, r in (("full", 0), (f"LoRA r={rank}", rank)):
+        done = subprocess.run([sys.executable, __file__, *argv, "--lora-rank", str(r), "--json"],
+                              capture_output=True, text=True)
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not line:
+            print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"error: the {label} run failed",
+                  file=sys.stderr)
+            return 2
+        results[label] = json.loads(line[0][len("RESULT "):])
+    print(f"\n{'':<22}" + "".join(f"{k:>14}" for k in results))
+    for label, key in (("generate s/step", "time_gen"), ("score s/step", "time_score"),
+                       ("update s/step", "time_update"), ("step s", "step_time")):
+        print(f"{label:<22}" + "".join(f"{r[key]:>14.2f}" for r in results.values()))
+    memory = next(iter(results.values()))["memory"]
+    print(f"{'memory GiB':<22}" + "".join(f"{r['peak_gb']:>14.2f}" for r in results.values()) + f"   ({memory})")
     return 0
 
 

@@ -64,6 +64,12 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(raw, 9)) / len(raw) if raw else float("nan")
 
 
+COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "identical_groups", "len_to_limit")
+"""The metrics line's collapse measures: within-response distinct-1/2 (words), the share of repeated token
+4-grams, the zlib compression ratio, the share of groups whose G responses are identical, mean length over
+the limit."""
+
+
 def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times: tuple,
                 max_new_tokens: int | None = None) -> dict:
     """What one rank contributes to a step's metrics: raw per-response values.
@@ -115,12 +121,6 @@ def step_metrics(records: list[dict]) -> dict:
     if records[0].get("limit"):
         m["len_to_limit"] = float(lengths.mean() / records[0]["limit"])
     return m
-
-
-COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "identical_groups", "len_to_limit")
-"""The metrics line's collapse measures: within-response distinct-1/2 (words), the share of repeated token
-4-grams, the zlib compression ratio, the share of groups whose G responses are identical, mean length over
-the limit."""
 
 
 def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:

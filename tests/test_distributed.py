@@ -34,13 +34,16 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_equal_one_process_on_the_same_rollouts(built, four_prompts, tmp_path):
+@pytest.mark.parametrize("knobs", [[], ["--loss-type", "token", "--num-iterations", "2"]],
+                         ids=["paper", "token-loss-mu2"])
+def test_two_ranks_equal_one_process_on_the_same_rollouts(built, four_prompts, tmp_path, knobs):
+    """The token loss's normaliser counts every rank's tokens, and mu = 2's old log-probs are each rank's own."""
     from transformers import AutoModelForCausalLM
 
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run("group-seeded", args_for(built, four_prompts, one, "--max-steps", 2))
+    r1 = run("group-seeded", args_for(built, four_prompts, one, "--max-steps", 2, *knobs))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run("group-seeded", args_for(built, four_prompts, two, "--max-steps", 2), ranks=2)
+    r2 = run("group-seeded", args_for(built, four_prompts, two, "--max-steps", 2, *knobs), ranks=2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in b] == [1, 2]  # rank 0 alone writes: no step twice
