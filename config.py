@@ -21,7 +21,7 @@ __all__ = ["Config", "parse_config", "check_config", "RESUME_MAY_CHANGE"]
 
 def _f(default, help: str, **kw):
     """A Config field: its default, its help text, and optionally `choices` or a range rule `check`
-    (">0", ">=1", "(0,1)", "(0,1]") that check_config enforces."""
+    (">0", ">=1", "(0,1)", "(0,1]", "[0,1)") that check_config enforces."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -135,7 +135,7 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
 
 
 def _allowed(value: float, rule: str) -> bool:
-    """Whether value satisfies a range rule of a Config field: ">0", ">=1", "(0,1)", "(0,1]"."""
+    """Whether value satisfies a range rule of a Config field: ">0", ">=1", "(0,1)", "(0,1]", "[0,1)"."""
     if rule.startswith(">="):
         return value >= float(rule[2:])
     if rule.startswith(">"):

@@ -66,6 +66,11 @@ def test_every_numeric_flag_declares_its_range():
     (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),
     (["--seed", "-1"], "--seed -1: must be at least 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--num-iterations", "0"], "--num-iterations 0: must be at least 1"),
+    (["--clip-eps-high", "nan"], "--clip-eps-high nan: must be a finite number"),
+    (["--clip-eps-high", "-0.1"], "--clip-eps-high -0.1: must be at least 0"),
+    (["--lora-rank", "-4"], "--lora-rank -4: must be at least 0"),
+    (["--lora-alpha", "0"], "--lora-alpha 0.0: must be above 0"),
     (["--device", "banana"], "--device banana: not a device"),
     (["--device", "cuda"], "--device cuda: no CUDA GPU is visible"),
 ])
