@@ -123,6 +123,42 @@ def step_metrics(records: list[dict]) -> dict:
     return m
 
 
+class CollapseWatch:
+    """Says once, in one line, when a run's rollouts start to collapse into repetition.
+
+    The rule compares the mean of the last WINDOW steps with the run's own first WINDOW steps (its
+    baseline: every prompt set and model has its own level): collapse is repeated token 4-grams up by
+    REPEATS_UP (absolute share) or the zlib compression ratio down to COMPRESSION_RATIO of the baseline.
+    Chosen from measurements on the real small models (README, "Collapse"): the 40-step laptop run and
+    its random-verifier control cross it, the first 40 steps at Appendix E's learning rate do not.
+    """
+    WINDOW = 5
+    REPEATS_UP = 0.05
+    COMPRESSION_RATIO = 0.8
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.fired: int | None = None
+
+    def update(self, m: dict) -> str | None:
+        """m: a step's metrics line. Returns the warning the first time the rule holds, else None."""
+        self.rows.append(m)
+        w = self.WINDOW
+        if self.fired is not None or len(self.rows) < 2 * w:
+            return None
+        mean = lambda key, rows: float(np.nanmean([r.get(key, np.nan) for r in rows]))  # noqa: E731
+        base, now = self.rows[:w], self.rows[-w:]
+        repeats = (mean("repeated_4gram", base), mean("repeated_4gram", now))
+        compression = (mean("compression", base), mean("compression", now))
+        if repeats[1] - repeats[0] >= self.REPEATS_UP or compression[1] <= self.COMPRESSION_RATIO * compression[0]:
+            self.fired = m["step"]
+            return (f"warning: the rollouts are collapsing into repetition at step {m['step']}: over the last {w} "
+                    f"steps repeated 4-grams {repeats[1]:.0%} (first {w} steps: {repeats[0]:.0%}), compression "
+                    f"{compression[1]:.2f} ({compression[0]:.2f}); see curves.png, and consider a lower --lr or "
+                    "--beta > 0")
+        return None
+
+
 def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
     """Append k responses to `path` with each generator token's verifier surprise -r_t (None where masked).
 

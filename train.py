@@ -55,7 +55,7 @@ from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all
                          rank_device, sync_gradients)
 from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from lora import add_adapters, load_adapters, reference
-from metrics import log_samples, plot_curves, step_metrics, step_record
+from metrics import CollapseWatch, log_samples, plot_curves, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
 from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, read_state, rng_state,
@@ -435,6 +435,10 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     stop = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     per_rank = cfg.prompts_per_step // ranks.world
     history = []
+    watch = CollapseWatch()  # rank 0's: primed with the steps a resumed run already logged
+    if ranks.main and resume_from is not None and (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            watch.update(json.loads(line))
     bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True, disable=not ranks.main)
     # A stop (Ctrl-C, SIGTERM) saves the newest complete step: the step in flight is dropped at the next
     # point where the ranks agree (after generation, after scoring, before the gradients are summed, at
@@ -478,6 +482,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
                 history.append(m)
                 if ranks.main:
                     log_step(out, m, cfg, rollout, reward, token_rewards, verifier, gen_tok, tracker)
+                    if (collapse := watch.update(m)) is not None:
+                        tqdm.write(collapse, file=sys.stderr)
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['len_mean']:.0f}",
                                 s=f"{m['step_time']:.1f}")
                 bar.update(1)

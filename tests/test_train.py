@@ -381,6 +381,45 @@ def test_collapse_measures_of_a_step_and_their_union_over_ranks():
         assert split[k] == pytest.approx(whole[k]), k
 
 
+COLLAPSE_DATA = ROOT / "tests" / "data" / "collapse"
+
+
+@pytest.mark.parametrize("run,fires", [("laptop", True), ("random-verifier", True), ("appendix-e-lr", False)])
+def test_collapse_rule_on_the_measured_real_model_runs(run, fires):
+    """The metrics lines of three 40-step runs of the real SmolLM2-135M-Instruct with gemma-3-270m
+    (README, "Collapse"): the laptop run and its random-verifier control collapse, Appendix E's lr does not."""
+    rows = [json.loads(x) for x in (COLLAPSE_DATA / f"{run}.jsonl").read_text().splitlines()]
+    assert len(rows) == 40
+    watch = M.CollapseWatch()
+    said = [w for w in map(watch.update, rows) if w is not None]
+    assert len(said) == int(fires) and (watch.fired is not None) == fires
+    if fires:
+        assert said[0].startswith(f"warning: the rollouts are collapsing into repetition at step {watch.fired}:")
+
+
+def test_collapse_watch_says_it_once_and_a_primed_watch_agrees():
+    rows = [{"step": s, "repeated_4gram": 0.01 if s < 12 else 0.3, "compression": 0.6} for s in range(1, 30)]
+    watch = M.CollapseWatch()
+    said = [(r["step"], w) for r in rows if (w := watch.update(r)) is not None]
+    # step 12's window holds one 0.3 among four 0.01: a mean of 0.068, 0.058 over the baseline's 0.01
+    assert [s for s, _ in said] == [12]
+    primed = M.CollapseWatch()  # a resume after step 8 replays the log, then goes on
+    for r in rows[:8]:
+        primed.update(r)
+    assert [r["step"] for r in rows[8:] if primed.update(r) is not None] == [said[0][0]]
+
+
+def test_a_collapsing_run_prints_one_warning_line(built, prompts_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(M.CollapseWatch, "WINDOW", 1)
+    monkeypatch.setattr(M.CollapseWatch, "REPEATS_UP", -1.0)  # every run "collapses" at its second step
+    cfg = T.Config(gen=str(built["qwen2"]), verifier=str(built["gemma3"]), prompts=str(prompts_file),
+                   out=str(tmp_path / "run"), group_size=2, prompts_per_step=2, micro_batch=4, max_new_tokens=5,
+                   max_steps=3, warmup_steps=1, device="cpu", sample_every=0)
+    T.train(cfg)
+    said = [x for x in capsys.readouterr().err.splitlines() if "collapsing" in x]
+    assert len(said) == 1 and said[0].startswith("warning: the rollouts are collapsing into repetition at step 2:")
+
+
 def test_system_prompt_default_text_and_none():
     from conftest import real_tokenizer
 
