@@ -64,10 +64,12 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(raw, 9)) / len(raw) if raw else float("nan")
 
 
-COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "identical_groups", "len_to_limit")
+COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "bytes_per_token", "identical_groups",
+                 "len_to_limit")
 """The metrics line's collapse measures: within-response distinct-1/2 (words), the share of repeated token
-4-grams, the zlib compression ratio, the share of groups whose G responses are identical, mean length over
-the limit."""
+4-grams, the zlib compression ratio, UTF-8 bytes per generator token (it falls when the text stops being
+words the tokenizer knows: invented syllables), the share of groups whose G responses are identical, mean
+length over the limit."""
 
 
 def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times: tuple,
@@ -90,6 +92,8 @@ def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times:
             "distinct_2": np.array([distinct(w, 2) for w in words]),
             "repeated_4gram": np.array([repeated_share(x, 4) for x in ids]),
             "compression": np.array([compression_ratio(t) for t in rollout.texts]),
+            "bytes_per_token": np.array([len(t.encode("utf-8")) / len(x) if x else np.nan
+                                         for t, x in zip(rollout.texts, ids)]),
             "identical_groups": np.array(same), "limit": max_new_tokens,
             "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
 
@@ -188,6 +192,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
             ("grad_norm", "grad norm"), ("distinct_1", "distinct-1 (words)"), ("distinct_2", "distinct-2 (words)"),
             ("repeated_4gram", "repeated token 4-grams"), ("compression", "zlib compression ratio"),
+            ("bytes_per_token", "bytes per token"),
             ("identical_groups", "groups of identical responses"), ("len_to_limit", "length / limit")]
     keys = [(k, t) for k, t in keys if any(r.get(k) is not None for r in rows)]
     ncols = min(len(keys), 5)

@@ -373,6 +373,7 @@ def test_collapse_measures_of_a_step_and_their_union_over_ranks():
     ratios = [len(zlib.compress(x.encode(), 9)) / len(x.encode()) for x in texts]
     assert whole["compression"] == pytest.approx(np.mean(ratios))
     assert whole["len_to_limit"] == pytest.approx((3 + 3 + 6 + 1) / 4 / 8)
+    assert whole["bytes_per_token"] == pytest.approx((11 / 3 + 11 / 3 + 17 / 6 + 2 / 1) / 4)
     ranks = [M.step_record(S.Rollout(rollout.prompts[i:i + 2], rollout.prompt_ids[i:i + 2], response[i:i + 2],
                                      mask[i:i + 2], rollout.truncated[i:i + 2], texts[i:i + 2]),
                            adv[i:i + 2], reward[i:i + 2], None, 2, (0, 1, 2, 3), max_new_tokens=8) for i in (0, 2)]
