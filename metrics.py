@@ -131,14 +131,21 @@ class CollapseWatch:
     """Says once, in one line, when a run's rollouts start to collapse into repetition.
 
     The rule compares the mean of the last WINDOW steps with the run's own first WINDOW steps (its
-    baseline: every prompt set and model has its own level): collapse is repeated token 4-grams up by
-    REPEATS_UP (absolute share) or the zlib compression ratio down to COMPRESSION_RATIO of the baseline.
-    Chosen from measurements on the real small models (README, "Collapse"): the 40-step laptop run and
-    its random-verifier control cross it, the first 40 steps at Appendix E's learning rate do not.
+    baseline: every prompt set and model has its own level). Collapse is either of two failures:
+      - loops: repeated token 4-grams up by REPEATS_UP (an absolute share), or the zlib compression
+        ratio down to COMPRESSION_RATIO of the baseline;
+      - invented words: UTF-8 bytes per generator token down to BYTES_RATIO of the baseline (text the
+        tokenizer has no words for splits into short pieces).
+    Chosen from three 40-step runs of the real small models (README, "Collapse, as it happens"): the
+    laptop run loops (repeats +0.05 at step 32, +0.20 at 40) and its random-verifier control invents
+    words (bytes per token at 0.79 of its start at step 28, 0.61 at 34), while the run at Appendix E's
+    learning rate stays far inside every bound (repeats +0.010 at most, compression 0.91, bytes per
+    token 0.93 of its start at the lowest).
     """
     WINDOW = 5
     REPEATS_UP = 0.05
     COMPRESSION_RATIO = 0.8
+    BYTES_RATIO = 0.8
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -150,16 +157,20 @@ class CollapseWatch:
         w = self.WINDOW
         if self.fired is not None or len(self.rows) < 2 * w:
             return None
-        mean = lambda key, rows: float(np.nanmean([r.get(key, np.nan) for r in rows]))  # noqa: E731
+        def mean(key, rows):  # over the steps that have the measure (older logs lack bytes_per_token)
+            x = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+            return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
         base, now = self.rows[:w], self.rows[-w:]
         repeats = (mean("repeated_4gram", base), mean("repeated_4gram", now))
         compression = (mean("compression", base), mean("compression", now))
-        if repeats[1] - repeats[0] >= self.REPEATS_UP or compression[1] <= self.COMPRESSION_RATIO * compression[0]:
+        piece = (mean("bytes_per_token", base), mean("bytes_per_token", now))  # nan in logs from before it
+        loops = repeats[1] - repeats[0] >= self.REPEATS_UP or compression[1] <= self.COMPRESSION_RATIO * compression[0]
+        if loops or piece[1] <= self.BYTES_RATIO * piece[0]:
             self.fired = m["step"]
-            return (f"warning: the rollouts are collapsing into repetition at step {m['step']}: over the last {w} "
-                    f"steps repeated 4-grams {repeats[1]:.0%} (first {w} steps: {repeats[0]:.0%}), compression "
-                    f"{compression[1]:.2f} ({compression[0]:.2f}); see curves.png, and consider a lower --lr or "
-                    "--beta > 0")
+            return (f"warning: the rollouts are collapsing into {'repetition' if loops else 'invented words'} at step "
+                    f"{m['step']}: over the last {w} steps repeated 4-grams {repeats[1]:.0%} (first {w} steps: "
+                    f"{repeats[0]:.0%}), compression {compression[1]:.2f} ({compression[0]:.2f}), bytes per token "
+                    f"{piece[1]:.2f} ({piece[0]:.2f}); see curves.png, and consider a lower --lr or --beta > 0")
         return None
 
 
