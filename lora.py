@@ -77,9 +77,14 @@ def merge(checkpoint: Path, out: Path, base: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ValueError(f"{checkpoint}: no such checkpoint folder")
     if not is_adapter(checkpoint):
         raise ValueError(f"{checkpoint} holds no LoRA adapter (adapter_config.json); it is already a full model")
-    base = base or json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        base = base or json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{checkpoint / 'adapter_config.json'} is corrupt ({type(e).__name__}: {e})") from None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
     merged.save_pretrained(out)

@@ -98,3 +98,10 @@ def test_bad_lora_settings_are_one_line(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().err.strip() == "error: --lora-rank needs the peft package: pip install peft"
     assert lora.main(["merge", str(tmp_path), str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip() == "error: --lora-rank needs the peft package: pip install peft"
+    monkeypatch.delitem(__import__("sys").modules, "peft")  # installed again
+    assert lora.main(["merge", str(tmp_path / "gone"), str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'gone'}: no such checkpoint folder"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{")
+    assert lora.main(["merge", str(tmp_path / "bad"), str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {tmp_path / 'bad' / 'adapter_config.json'} is corrupt")
