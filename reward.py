@@ -61,7 +61,8 @@ from align import (align_logprobs, decode_response, encoding_byte_spans, text_to
                    tile_spans, token_byte_spans, token_bytes, vocab_bytes, whitespace_tokens)
 from grpo import token_logprobs
 
-__all__ = ["PLAIN_TEMPLATE", "prompt_prefix", "turn_end", "VerifierInput", "encode_pairs", "encode_pair", "same_tokenizer",
+__all__ = ["PLAIN_TEMPLATE", "Prompt", "prompt_prefix", "turn_end", "VerifierInput", "encode_pairs", "encode_pair",
+           "same_tokenizer",
            "check_device", "load_causal_lm", "Verifier"]
 
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
@@ -69,13 +70,24 @@ PLAIN_TEMPLATE = "User: {prompt}\nAssistant: "
 
 _SENTINEL = "<<CME-GRPO-RESPONSE-7f3a>>"
 
+Prompt = "str | list[dict]"
+"""What the verifier reads before a response: a user message (str), or a whole conversation, a list of
+{"role", "content"} dicts (TRL's conversational prompts), to which the response is the assistant's reply."""
 
-def prompt_prefix(tokenizer, prompt: str) -> str:
-    """The text that precedes the response: the chat template up to the assistant's content."""
+
+def prompt_prefix(tokenizer, prompt: Prompt) -> str:
+    """The text that precedes the response: the chat template up to the assistant's content.
+
+    prompt: a user message, or a conversation (`Prompt`). Without a chat template a conversation is
+    written "Role: content" per message, as PLAIN_TEMPLATE writes a single user message."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not getattr(tokenizer, "chat_template", None):
-        return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=prompt)
+        if isinstance(prompt, str):
+            return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(prompt=prompt)
+        turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return (tokenizer.bos_token or "") + turns + "Assistant: "
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+        messages + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
     at = rendered.find(_SENTINEL)
     if at < 0:
         raise ValueError("the chat template dropped the assistant turn's content; cannot place the response")
@@ -113,12 +125,13 @@ class VerifierInput:
     end: int = -1
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+def encode_pairs(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
                  ended: Sequence[bool] | None = None) -> list[VerifierInput]:
     """Build the verifier's inputs for many pairs and locate each response's bytes in its tokens.
 
-    tokenizer: the verifier's fast tokenizer. prompts, responses: B strings each. ended: B bools, the
-    pairs that get the verifier's end-of-turn token appended (module docstring, item 7); None: none.
+    tokenizer: the verifier's fast tokenizer. prompts: B prompts (`Prompt`). responses: B strings.
+    ended: B bools, the pairs that get the verifier's end-of-turn token appended (module docstring,
+    item 7); None: none.
     See the module docstring for the rules. The encoding runs batched in the tokenizer's Rust threads.
     """
     end_id = _end_id(tokenizer) if ended is not None and any(ended) else None
@@ -130,7 +143,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     for prefix, enc in zip(unique, backend.encode_batch(unique, add_special_tokens=False)):
         last = max((k for k, i in enumerate(enc.ids) if added[i]), default=-1)
         split[prefix] = (enc.ids[:last + 1], enc.offsets[last][1] if last >= 0 else 0)  # up to the last added token
-    prefixes = [prefix_of[p] for p in prompts]
+    prefixes = [prefix_of[_key(p)] for p in prompts]
     heads, cuts = zip(*(split[p] for p in prefixes)) if prefixes else ((), ())
     tails = [p[c:] + r for p, c, r in zip(prefixes, cuts, responses)]
     previous = backend.encode_special_tokens
@@ -157,9 +170,14 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     return out
 
 
-def _prefixes(tokenizer, prompts: Sequence[str]) -> dict:
-    """{prompt: prompt_prefix(tokenizer, prompt)}, each distinct prompt rendered once."""
-    return {p: prompt_prefix(tokenizer, p) for p in dict.fromkeys(prompts)}
+def _key(prompt: Prompt) -> str:
+    """A hashable stand-in for a prompt (a conversation is a list)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _prefixes(tokenizer, prompts: Sequence[Prompt]) -> dict:
+    """{_key(prompt): prompt_prefix(tokenizer, prompt)}, each distinct prompt rendered once."""
+    return {_key(p): prompt_prefix(tokenizer, p) for p in {_key(p): p for p in prompts}.values()}
 
 
 def _end_id(tokenizer) -> int:
@@ -259,20 +277,26 @@ class Verifier:
 
     # --- the batched forward ---
     def logprobs(self, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray],
-                 progress: bool = False) -> list[np.ndarray]:
+                 progress: bool = False, rows: Sequence[int] | None = None) -> list[np.ndarray]:
         """Verifier log-probabilities of chosen tokens of many sequences.
 
         ids: B sequences of token ids (lengths L_b). positions: B int arrays, the positions wanted.
-        Returns B float64 arrays, log p(ids[b][j] | ids[b][:j]) for j in positions[b]. With
+        rows: the sequences to score (default all); the others are context only (module docstring,
+            item 6): each row gets exactly the values it would get in a call that scores all B, so
+            processes that each score their own rows of one batch agree with one process scoring it all.
+        Returns len(rows) float64 arrays, log p(ids[b][j] | ids[b][:j]) for j in positions[b]. With
         share_context, a position whose ids up to and including it another sequence shares gets the
         value of one batch-of-one forward of that shared prefix (module docstring, item 6).
         """
         positions = [np.asarray(p, dtype=np.int64) for p in positions]
-        out = self._forward(ids, positions, progress)
+        rows = list(range(len(ids))) if rows is None else [int(b) for b in rows]
+        out = self._forward([ids[b] for b in rows], [positions[b] for b in rows], progress)
         if self.share_context and len(ids) > 1:
-            for b, (where, values) in _shared_values(self._forward, ids, positions).items():
-                out[b] = out[b].copy()
-                out[b][where] = values
+            row_of = {b: k for k, b in enumerate(rows)}
+            for b, (where, values) in _shared_values(self._forward, ids, positions, rows).items():
+                k = row_of[b]
+                out[k] = out[k].copy()
+                out[k][where] = values
         return out
 
     def _forward(self, ids, positions, progress: bool = False) -> list[np.ndarray]:
@@ -314,38 +338,43 @@ class Verifier:
         return out
 
     # --- Eq. 3 ---
-    def sequence_cme(self, prompts: Sequence[str], responses: Sequence[str], progress: bool = False,
-                     ended: Sequence[bool] | None = None) -> np.ndarray:
+    def sequence_cme(self, prompts: Sequence[Prompt], responses: Sequence[str], progress: bool = False,
+                     ended: Sequence[bool] | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
         """Sequence-level CME (Eq. 3): mean NLL over the verifier's own tokens of each response.
 
-        prompts, responses: B strings each. ended: B bools, pairs whose verifier end-of-turn token
-        counts as one more token of the mean (module docstring, item 7); None: the paper's rule.
-        Returns (B,) float64 CME (the reward is its negative); NaN for an empty response.
+        prompts, responses: B prompts (`prompt_prefix`) and B strings. ended: B bools, pairs whose
+        verifier end-of-turn token counts as one more token of the mean (module docstring, item 7);
+        None: the paper's rule. rows: the pairs to score, the others being context (`logprobs`).
+        Returns (len(rows),) float64 CME (the reward is its negative); NaN for an empty response.
         """
         inputs = encode_pairs(self.tokenizer, prompts, responses, ended)
         wanted = [np.append(v.response, v.end) if v.end >= 0 else v.response for v in inputs]
-        logps = self.logprobs([v.ids for v in inputs], wanted, progress)
+        logps = self.logprobs([v.ids for v in inputs], wanted, progress, rows)
         return np.array([-lp.mean() if len(lp) else np.nan for lp in logps])  # Eq. 3
 
     # --- Eq. 1 ---
-    def token_rewards(self, prompts: Sequence[str], gen_tokenizer, gen_ids: Sequence[Sequence[int]],
-                      progress: bool = False, ended: Sequence[bool] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_rewards(self, prompts: Sequence[Prompt], gen_tokenizer, gen_ids: Sequence[Sequence[int]],
+                      progress: bool = False, ended: Sequence[bool] | None = None,
+                      rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level rewards r_{i,t} = aligned verifier log-prob on the generator's tokens (Eq. 1).
 
-        prompts: B strings. gen_tokenizer: the generator's fast tokenizer.
+        prompts: B prompts (`prompt_prefix`). gen_tokenizer: the generator's fast tokenizer.
         gen_ids: B sequences of sampled generator ids (response only; EOS and padding may be there,
-            they have no text and are masked). T = the longest.
+            they have no text and are masked).
         ended: B bools, responses whose last id is the stop token that ended them; that position gets
             the verifier's end-of-turn log-prob (module docstring, item 7). None: the paper's rule.
-        Returns (rewards (B, T) float32, mask (B, T) bool), both zero/False past each response's end.
+        rows: the responses to score, the others being context (`logprobs`); default all.
+        Returns (rewards (R, T) float32, mask (R, T) bool) for the R rows, T the longest of them; both
+        zero/False past each response's end.
         """
         key = id(gen_tokenizer)
         if key not in self._same:
             self._same[key] = same_tokenizer(gen_tokenizer, self.tokenizer)
         identity = self._same[key]
-        B, T = len(gen_ids), max((len(g) for g in gen_ids), default=0)
-        rewards, mask = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+        B = len(gen_ids)
+        rows = list(range(B)) if rows is None else [int(b) for b in rows]
+        T = max((len(gen_ids[b]) for b in rows), default=0)
+        rewards, mask = torch.zeros(len(rows), T), torch.zeros(len(rows), T, dtype=torch.bool)
         ended = [False] * B if ended is None else [bool(e) and len(g) > 0 for e, g in zip(ended, gen_ids)]
         seqs, positions, plans = [], [], []
         gen_ids = [np.asarray(ids, dtype=np.int64) for ids in gen_ids]
@@ -353,7 +382,7 @@ class Verifier:
             prefix_of = _prefixes(self.tokenizer, prompts)
             encoded = dict(zip(prefix_of, self.tokenizer.backend_tokenizer.encode_batch(
                 list(prefix_of.values()), add_special_tokens=False)))
-            heads = [encoded[p] for p in prompts]
+            heads = [encoded[_key(p)] for p in prompts]
             end_id = _end_id(self.tokenizer) if any(ended) else None
         else:
             texts = [decode_response(token_bytes(gen_tokenizer, ids)) for ids in gen_ids]
@@ -375,9 +404,9 @@ class Verifier:
                 seqs.append(vins[i].ids)
                 positions.append(np.append(vins[i].response, vins[i].end) if ended[i] else vins[i].response)
                 plans.append((gspans, whitespace, text_to_response_bytes(texts[i], vins[i].spans)))
-        logps = self.logprobs(seqs, positions, progress)
-        for i, (plan, lp) in enumerate(zip(plans, logps)):
-            spans_or_keep, whitespace, vspans = plan
+        logps = self.logprobs(seqs, positions, progress, rows)
+        for k, (i, lp) in enumerate(zip(rows, logps)):
+            spans_or_keep, whitespace, vspans = plans[i]
             n = len(whitespace)
             if ended[i]:  # the end-of-turn log-prob goes to the EOS position, the response's last
                 lp, eos_logp = lp[:-1], lp[-1]
@@ -393,19 +422,22 @@ class Verifier:
                 aligned, valid = align_logprobs(spans_or_keep, vspans, lp, whitespace, self.mask_whitespace)
             if ended[i]:
                 aligned[n - 1], valid[n - 1] = eos_logp, True
-            rewards[i, :n] = torch.from_numpy(aligned).float()
-            mask[i, :n] = torch.from_numpy(valid)
+            rewards[k, :n] = torch.from_numpy(aligned).float()
+            mask[k, :n] = torch.from_numpy(valid)
         return rewards, mask
 
 
-def _shared_values(forward, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray]) -> dict:
+def _shared_values(forward, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray],
+                   rows: Sequence[int]) -> dict:
     """One value per shared context (module docstring, item 6).
 
     A node is (ids[:p+1]) for a wanted position p; it is shared when two or more sequences agree on
     ids[:p+1]. In lexicographic order the sequences sharing a node are contiguous, so the node belongs
-    to the first of them: its value comes from a forward of that sequence's shared prefix alone.
-    forward: callable(ids, positions) -> values, the batched forward (each call here is one sequence).
-    Returns {b: (indices into positions[b], values)} for the sequences that have shared positions.
+    to the first of them: its value comes from a forward of that sequence's shared prefix alone, up to
+    the last shared position any sequence wants (rows or not, so the forward is the same whichever
+    rows a call scores). forward: callable(ids, positions) -> values, the batched forward (each call
+    here is one sequence). rows: the sequences whose values are wanted.
+    Returns {b: (indices into positions[b], values)} for the rows that have shared positions.
     """
     arrays = [np.asarray(x, dtype=np.int64) for x in ids]
     order = sorted(range(len(ids)), key=lambda b: list(ids[b]))
@@ -431,8 +463,13 @@ def _shared_values(forward, ids: Sequence[Sequence[int]], positions: Sequence[np
             reads.append((b, where, own[p], p))
             for j in np.unique(own[p]):
                 jobs.setdefault(int(j), set()).update(p[own[p] == j].tolist())
+    rows = set(rows)
+    reads = [read for read in reads if read[0] in rows]
+    needed = {int(j) for read in reads for j in np.unique(read[2])}
     values = {}
     for j, wanted in jobs.items():
+        if j not in needed:
+            continue
         wanted = np.array(sorted(wanted), np.int64)
         seq = arrays[order[j]][:wanted[-1] + 1]          # the shared prefix alone: batch of one, no padding
         values[j] = dict(zip(wanted.tolist(), forward([seq.tolist()], [wanted])[0]))

@@ -246,6 +246,45 @@ def test_shared_opening_gets_identical_rewards_and_zero_advantage(built, tokeniz
         assert any((a[:, shared] != 0).any() for _, _, a in runs)
 
 
+def test_rows_of_a_split_group_get_the_values_of_the_whole_call(built, tokenizers):
+    """TRL can split a prompt's group across processes (trl_cme.py): each process scores its own rows
+    with the whole batch as context. Under the batch-shape noise of the test above, a row's values at
+    the shared opening are then bit-identical to those of one call scoring every row; scored without
+    the context (each process alone), a one-member part has nothing to share and disagrees."""
+    model, tok = load_causal_lm(str(built["gemma3"]), dtype=torch.bfloat16, device="cpu")
+    model.get_decoder().norm.register_forward_hook(
+        lambda module, args, out: out + 0.01 * math.sin(7.3 * out.shape[0] + 1.7 * out.shape[1]))
+    gen = tokenizers["bytebpe"]
+    G = len(ENDINGS)
+    ids = group_ids(gen, OPENING, ENDINGS)
+    prompts = ["What is the weather?"] * G
+    lcp = next(t for t in range(min(map(len, ids))) if len({r[t] for r in ids}) > 1)
+    shared = slice(0, lcp - 2)
+    v = Verifier(model, tok, token_budget=200)
+    full, full_mask = v.token_rewards(prompts, gen, ids)
+    for rows in ([0], [1, 2, 3, 4, 5], [5, 2]):
+        r, m = v.token_rewards(prompts, gen, ids, rows=rows)
+        assert r.shape == (len(rows), max(len(ids[b]) for b in rows))
+        assert torch.equal(m, full_mask[rows, :r.shape[1]]) and not full_mask[rows, r.shape[1]:].any()
+        assert torch.equal(r[:, shared], full[rows, shared])
+    cme = v.sequence_cme(prompts, [OPENING + e for e in ENDINGS])
+    np.testing.assert_array_equal(v.sequence_cme(prompts, [OPENING + e for e in ENDINGS], rows=[4, 1]), cme[[4, 1]])
+    alone, _ = v.token_rewards(prompts[:1], gen, ids[:1])
+    assert not torch.equal(alone[0, shared], full[0, shared])
+
+
+def test_a_conversation_prompt_renders_like_its_user_message(tokenizers):
+    for name in ("sp_gemma", "sp_llama", "bytebpe"):  # chat templates, and none (PLAIN_TEMPLATE)
+        tok = tokenizers[name]
+        assert prompt_prefix(tok, [{"role": "user", "content": "Hi there"}]) == prompt_prefix(tok, "Hi there")
+        talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a colour."}]
+        prefix = prompt_prefix(tok, talk)
+        assert prefix.index("Hi") < prefix.index("Hello!") < prefix.index("Name a colour.")
+        vin = encode_pair(tok, talk, "Blue.")
+        assert token_bytes(tok, [vin.ids[i] for i in vin.response]).endswith(b"Blue.")
+
+
 def test_the_verifier_template_is_rendered_once_per_prompt(tokenizers, monkeypatch):
     from reward import encode_pairs
 
