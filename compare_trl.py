@@ -1,0 +1,172 @@
+"""This project's trainer beside TRL's GRPOTrainer with the CME reward (trl_cme.py): one experiment, run both ways.
+
+    python compare_trl.py --gen ~/.cache/cme-grpo/real-models/smollm2-135m-instruct \\
+        --verifier ~/.cache/cme-grpo/real-models/gemma-3-270m --prompts alpaca_eval --out runs/trl-compare
+
+Each seed trains the generator twice, with `train.py` and with TRL (`SequenceCME` in GRPOTrainer for
+--reward sequence, `CMEGRPOTrainer` for --reward token), from the same weights on the same prompts in
+the same order (train.py's seeded order, fed to TRL unshuffled), with the same G, prompts per step,
+token limit, temperature, learning rate (constant: no warmup; train.py's cosine spans the epoch, so over
+a few dozen steps it stays within 1% of the peak), clip, gradient clip, loss (Eq. 2, "grpo") and one
+update per rollout batch. Then each trained model, and the generator before training, answers the
+held-out prompts greedily, scored as in `demo.py real` (`demo.response_stats`).
+
+What is not the same, by construction: the random numbers (each samples its own rollouts), TRL's
+advantages divide by std + 1e-4 where grpo.py zeroes a group whose spread is under 0.02 nats, and TRL
+pads prompts on the left in one batch (train.py too, but in its own batches). Every stage is skipped
+when its output exists, so a rerun continues. Writes OUT/rewards.csv (training reward per step, each
+run) and OUT/report.md (the table).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config
+from demo import REAL_GEN, REAL_VERIFIER, response_stats, split_prompts
+from evaluate import run_generate
+from records import read_jsonl
+from reward import Verifier, load_causal_lm
+from sampling import load_generator
+from train import fit_context, load_prompts, train
+
+
+def trl_train(cfg: Config, out: Path) -> list[float]:
+    """Train cfg.gen with TRL as `cfg` says (module docstring); the final model in OUT/final.
+    Returns the training reward of each step (TRL's "reward": the mean over the step's completions);
+    OUT/log.jsonl keeps every number TRL logged at each step."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_cme import CMEGRPOTrainer, SequenceCME
+
+    model, tok, _, _ = load_generator(cfg.gen, torch.device(cfg.device))
+    prompts = fit_context(load_prompts(cfg), tok, model, cfg)  # train.py's prompts, in its order
+    del model
+    verifier = Verifier(*load_causal_lm(cfg.verifier, dtype=torch.float32, device=cfg.device))
+    args = GRPOConfig(output_dir=str(out), use_cpu=cfg.device == "cpu", bf16=False, report_to="none",
+                      per_device_train_batch_size=cfg.group_size * cfg.prompts_per_step,
+                      num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
+                      max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, beta=cfg.beta,
+                      epsilon=cfg.clip_eps, loss_type="grpo", temperature=cfg.temperature, top_p=cfg.top_p,
+                      seed=cfg.seed, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+                      shuffle_dataset=False)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    if cfg.reward == "token":
+        trainer = CMEGRPOTrainer(cfg.gen, verifier, args=args, processing_class=tok, train_dataset=data)
+    else:
+        trainer = GRPOTrainer(cfg.gen, SequenceCME(verifier, tok), args=args, processing_class=tok,
+                              train_dataset=data)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "reward" in h]  # one line per step
+    trainer.save_model(str(out / "final"))
+    tok.save_pretrained(str(out / "final"))
+    (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in logged))
+    (out / "rewards.json").write_text(json.dumps([h["reward"] for h in logged]))  # last: the stage is done
+    return [h["reward"] for h in logged]
+
+
+def run(gen: str, verifier: str, prompts: str, out: str, seeds: list[int], steps: int, reward: str,
+        group_size: int, prompts_per_step: int, max_new_tokens: int, lr: float, held_out: int,
+        device: str = "cpu") -> dict:
+    """Both trainers for each seed, then the held-out measures. Returns {"rewards": {run: [per step]},
+    "held_out": {run: response_stats}} and writes OUT/rewards.csv and OUT/report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts, held = split_prompts(prompts, held_out, seed=0)  # one split for every run
+    held_file, train_file = out / "held_out.jsonl", out / "train_prompts.jsonl"
+    held_file.write_text("".join(json.dumps({"index": i, "instruction": p}) + "\n" for i, p in enumerate(held)))
+    train_file.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in train_prompts))
+    base = replace(Config(), gen=gen, verifier=verifier, prompts=str(train_file), reward=reward,
+                   group_size=group_size, prompts_per_step=prompts_per_step, micro_batch=group_size * prompts_per_step,
+                   gen_batch=group_size * prompts_per_step, max_new_tokens=max_new_tokens, lr=lr, warmup_steps=0,
+                   max_steps=steps, save_every=steps, sample_every=0, device=device, verifier_dtype="fp32",
+                   rollout_dtype="fp32")
+    rewards, models = {}, {"before": gen}
+    for seed in seeds:
+        cfg = replace(base, seed=seed)
+        name, run_out = f"train.py seed {seed}", out / f"train-seed{seed}"
+        if not (run_out / f"checkpoint-{steps}").is_dir():
+            print(f"\n{name}: {steps} steps", flush=True)
+            train(replace(cfg, out=str(run_out), resume=any(run_out.glob("checkpoint-*"))))
+        rewards[name] = [json.loads(x)["reward_mean"] for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        models[name] = str(run_out / f"checkpoint-{steps}")
+        name, run_out = f"TRL seed {seed}", out / f"trl-seed{seed}"
+        if not (run_out / "rewards.json").is_file():
+            print(f"\n{name}: {steps} steps", flush=True)
+            trl_train(cfg, run_out)
+        rewards[name] = json.loads((run_out / "rewards.json").read_text())
+        models[name] = str(run_out / "final")
+
+    judge = Verifier(*load_causal_lm(verifier, dtype=torch.float32, device=device))
+    stats = {}
+    for i, (name, model) in enumerate(models.items()):
+        path = out / f"outputs-{i}.jsonl"
+        run_generate(model, path, prompts_source=str(held_file), max_new_tokens=max_new_tokens, batch_size=8,
+                     name=name, device=device)
+        rows = sorted(read_jsonl(path), key=lambda r: r["index"])
+        stats[name] = response_stats([r["instruction"] for r in rows], [r["output"] for r in rows],
+                                     [r["truncated"] for r in rows], judge)
+    with open(out / "rewards.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", *rewards])
+        for step in range(steps):
+            w.writerow([step + 1, *(f"{r[step]:.4f}" if step < len(r) else "" for r in rewards.values())])
+    report = table(rewards, stats, reward, len(held))
+    (out / "report.md").write_text(report + "\n")
+    print(report)
+    return {"rewards": rewards, "held_out": stats}
+
+
+def table(rewards: dict, stats: dict, reward: str, n: int) -> str:
+    """The side-by-side table (markdown): training reward over the first and last 5 steps and its
+    per-step slope (least squares), then the held-out measures of `demo.response_stats`."""
+    what = "Eq. 3, -CME per response" if reward == "sequence" else "Eq. 1, mean aligned token reward per response"
+    lines = [f"Training reward ({what}; mean over each step's completions), and greedy outputs on {n} held-out "
+             "prompts: CME under the verifier (nats/token), words, distinct-n, compression, truncated.", "",
+             "| run | reward, steps 1-5 | reward, last 5 | slope /step | held-out CME | words | distinct-1 | "
+             "distinct-2 | compression | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in stats.items():
+        r = rewards.get(name)
+        head = (f"{np.mean(r[:5]):.3f} | {np.mean(r[-5:]):.3f} | {np.polyfit(np.arange(len(r)), r, 1)[0]:+.4f}"
+                if r else "- | - | -")
+        lines.append(f"| {name} | {head} | {s['cme']:.3f} | {s['words']:.1f} | {s['distinct_1']:.3f} | "
+                     f"{s['distinct_2']:.3f} | {s['compression']:.3f} | {s['truncated']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gen", default=REAL_GEN, help="generator: hub id or local folder (default %(default)s)")
+    ap.add_argument("--verifier", default=REAL_VERIFIER, help="verifier: hub id or local folder (default %(default)s)")
+    ap.add_argument("--prompts", default="alpaca_eval", help="alpaca_eval, or a .jsonl/.json/.txt file")
+    ap.add_argument("--out", default="runs/trl-compare", help="run folder; a rerun skips finished stages")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds, each run both ways (default 0 1)")
+    ap.add_argument("--reward", default="sequence", choices=["sequence", "token"],
+                    help="Eq. 3 (SequenceCME in GRPOTrainer) or Eq. 1 (CMEGRPOTrainer) (default %(default)s)")
+    for flag, kind, default, what in (("--steps", int, 25, "optimizer steps"), ("--group-size", int, 4, "G"),
+                                      ("--prompts-per-step", int, 2, "prompts per step"),
+                                      ("--max-new-tokens", int, 64, "response token limit"),
+                                      ("--lr", float, 2e-5, "learning rate, constant"),
+                                      ("--held-out", int, 32, "held-out prompts")):
+        ap.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    a = ap.parse_args(argv)
+    for flag in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "held_out"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if a.group_size < 2:
+        ap.error("--group-size must be at least 2: GRPO compares the G responses of a prompt")
+    run(a.gen, a.verifier, a.prompts, a.out, a.seeds, a.steps, a.reward, a.group_size, a.prompts_per_step,
+        a.max_new_tokens, a.lr, a.held_out, a.device)
+
+
+if __name__ == "__main__":
+    main()
