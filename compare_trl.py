@@ -89,20 +89,24 @@ def run(gen: str, verifier: str, prompts: str, out: str, seeds: list[int], steps
                    gen_batch=group_size * prompts_per_step, max_new_tokens=max_new_tokens, lr=lr, warmup_steps=0,
                    max_steps=steps, save_every=steps, sample_every=0, device=device, verifier_dtype="fp32",
                    rollout_dtype="fp32")
-    rewards, models = {}, {"before": gen}
+    rewards, se, models = {}, {}, {"before": gen}  # se: the standard error of each step's mean reward
+    B = group_size * prompts_per_step
     for seed in seeds:
         cfg = replace(base, seed=seed)
         name, run_out = f"train.py seed {seed}", out / f"train-seed{seed}"
         if not (run_out / f"checkpoint-{steps}").is_dir():
             print(f"\n{name}: {steps} steps", flush=True)
             train(replace(cfg, out=str(run_out), resume=any(run_out.glob("checkpoint-*"))))
-        rewards[name] = [json.loads(x)["reward_mean"] for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        rewards[name] = [m["reward_mean"] for m in logged]
+        se[name] = [m["reward_std"] / np.sqrt(B - 1) for m in logged]  # population std over the step's B
         models[name] = str(run_out / f"checkpoint-{steps}")
         name, run_out = f"TRL seed {seed}", out / f"trl-seed{seed}"
         if not (run_out / "rewards.json").is_file():
             print(f"\n{name}: {steps} steps", flush=True)
             trl_train(cfg, run_out)
         rewards[name] = json.loads((run_out / "rewards.json").read_text())
+        se[name] = [json.loads(x)["reward_std"] / np.sqrt(B) for x in (run_out / "log.jsonl").read_text().splitlines()]
         models[name] = str(run_out / "final")
 
     judge = Verifier(*load_causal_lm(verifier, dtype=torch.float32, device=device))
@@ -119,10 +123,10 @@ def run(gen: str, verifier: str, prompts: str, out: str, seeds: list[int], steps
         w.writerow(["step", *rewards])
         for step in range(steps):
             w.writerow([step + 1, *(f"{r[step]:.4f}" if step < len(r) else "" for r in rewards.values())])
-    report = table(rewards, stats, reward, len(held))
+    report = table(rewards, stats, reward, len(held)) + "\n\n" + differences(rewards, se, seeds)
     (out / "report.md").write_text(report + "\n")
     print(report)
-    return {"rewards": rewards, "held_out": stats}
+    return {"rewards": rewards, "held_out": stats, "se": se}
 
 
 def table(rewards: dict, stats: dict, reward: str, n: int) -> str:
@@ -139,6 +143,22 @@ def table(rewards: dict, stats: dict, reward: str, n: int) -> str:
                 if r else "- | - | -")
         lines.append(f"| {name} | {head} | {s['cme']:.3f} | {s['words']:.1f} | {s['distinct_1']:.3f} | "
                      f"{s['distinct_2']:.3f} | {s['compression']:.3f} | {s['truncated']:.0%} |")
+    return "\n".join(lines)
+
+
+def differences(rewards: dict, se: dict, seeds: list[int]) -> str:
+    """How far TRL's training reward is from train.py's at each step of the same seed (same prompts,
+    other samples), beside what sampling alone gives: sqrt(se_a^2 + se_b^2), the standard error of the
+    difference of two independent step means. A ratio near 1 means sampling explains the gap."""
+    lines = ["| seed | mean difference TRL - train.py | RMS difference | RMS expected from sampling | ratio |",
+             "|---|---|---|---|---|"]
+    for seed in seeds:
+        a, b = f"train.py seed {seed}", f"TRL seed {seed}"
+        n = min(len(rewards[a]), len(rewards[b]))
+        diff = np.array(rewards[b][:n]) - np.array(rewards[a][:n])
+        rms = float(np.sqrt(np.mean(diff ** 2)))
+        expected = float(np.sqrt(np.mean(np.array(se[a][:n]) ** 2 + np.array(se[b][:n]) ** 2)))
+        lines.append(f"| {seed} | {diff.mean():+.3f} | {rms:.3f} | {expected:.3f} | {rms / expected:.2f} |")
     return "\n".join(lines)
 
 

@@ -233,6 +233,8 @@ def test_compare_trl_runs_both_ways_and_a_rerun_continues(built, tmp_path, monke
     assert set(first["held_out"]) == {"before", "train.py seed 0", "TRL seed 0"}
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in first["held_out"])
+    assert "| 0 | " in report.split("RMS expected from sampling")[1]  # the gap beside sampling's own, per seed
+    assert all(len(first["se"][name]) == 2 and min(first["se"][name]) >= 0 for name in first["rewards"])
 
     def no_training(*a, **k):
         raise AssertionError("a finished stage ran again")
