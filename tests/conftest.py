@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers, one thread each (and their subprocesses):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # OpenMP teams of several threads per worker spin-wait against
+    os.environ.setdefault("MKL_NUM_THREADS", "1")  # each other on a few cores (12x slower measured on 2 cores)
 
 import tiny  # noqa: E402  (the tokenizer and model builders; needs ROOT on sys.path)
 

@@ -87,7 +87,8 @@ def test_real_stop_tokens(smol):
 def test_shared_opening_in_bf16_is_exact(smol):
     """Real SmolLM2 responses sharing a 24-token greedy opening, real gemma-3-270m in bf16, budgets from
     one pair per micro-batch to all in one: rewards at positions whose whole verifier context the
-    group shares are identical across members and budgets, their advantages exactly 0."""
+    group shares are identical across members and budgets, their advantages exactly 0. (A pair is
+    43-59 verifier tokens here: budget 400 packs 6 pairs per micro-batch, 10**6 all 8.)"""
     from bench_noise import fully_shared, sample_group
     from grpo import per_position_advantages
     from reward import Verifier, load_causal_lm
@@ -96,13 +97,13 @@ def test_shared_opening_in_bf16_is_exact(smol):
     vmodel, vtok = load_causal_lm(str(real_model("gemma-3-270m")), dtype=torch.bfloat16, device="cpu")
     G, prompts, ids = 4, [], []
     for k, p in enumerate([PROMPTS[1], PROMPTS[3]]):  # answers longer than the opening
-        rows, _ = sample_group(model, tok, stop, p, G, 24, 40, seed=k)
+        rows, _ = sample_group(model, tok, stop, p, G, 24, 20, seed=k)
         prompts += [p] * G
         ids += rows
     exact = fully_shared(vtok, tok, prompts, ids, G)
     assert exact.sum(1).min() >= 15
     runs = []
-    for budget in (1, 100, 400, 10 ** 6):
+    for budget in (1, 400, 10 ** 6):
         rewards, mask = Verifier(vmodel, vtok, token_budget=budget).token_rewards(prompts, tok, ids)
         adv = per_position_advantages(rewards, mask, G)
         assert (adv[exact & mask] == 0).all()
