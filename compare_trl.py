@@ -42,7 +42,7 @@ def trl_train(cfg: Config, out: Path) -> list[float]:
     Returns the training reward of each step (TRL's "reward": the mean over the step's completions);
     OUT/log.jsonl keeps every number TRL logged at each step."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from trl_cme import CMEGRPOTrainer, SequenceCME
 
@@ -50,14 +50,7 @@ def trl_train(cfg: Config, out: Path) -> list[float]:
     prompts = fit_context(load_prompts(cfg), tok, model, cfg)  # train.py's prompts, in its order
     del model
     verifier = Verifier(*load_causal_lm(cfg.verifier, dtype=torch.float32, device=cfg.device))
-    args = GRPOConfig(output_dir=str(out), use_cpu=cfg.device == "cpu", bf16=False, report_to="none",
-                      per_device_train_batch_size=cfg.group_size * cfg.prompts_per_step,
-                      num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
-                      max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
-                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, beta=cfg.beta,
-                      epsilon=cfg.clip_eps, loss_type="grpo", temperature=cfg.temperature, top_p=cfg.top_p,
-                      seed=cfg.seed, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
-                      shuffle_dataset=False)
+    args = trl_config(cfg, out)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     if cfg.reward == "token":
         trainer = CMEGRPOTrainer(cfg.gen, verifier, args=args, processing_class=tok, train_dataset=data)
@@ -71,6 +64,67 @@ def trl_train(cfg: Config, out: Path) -> list[float]:
     (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in logged))
     (out / "rewards.json").write_text(json.dumps([h["reward"] for h in logged]))  # last: the stage is done
     return [h["reward"] for h in logged]
+
+
+def trl_config(cfg: Config, out):
+    """TRL's GRPOConfig for the settings of `cfg` (module docstring)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(output_dir=str(out), use_cpu=cfg.device == "cpu", bf16=False, report_to="none",
+                      per_device_train_batch_size=cfg.group_size * cfg.prompts_per_step,
+                      num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
+                      max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, beta=cfg.beta,
+                      epsilon=cfg.clip_eps, loss_type="grpo", temperature=cfg.temperature, top_p=cfg.top_p,
+                      seed=cfg.seed, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+                      shuffle_dataset=False)
+
+
+def sampling_check(cfg: Config, prompts: list[str], seed: int = 0) -> dict:
+    """Step 0, both samplers: G responses to each prompt from the untrained generator with train.py's
+    sampler (`sampling.sample`) and with TRL's generation (its GRPOTrainer's generation_config, the
+    prompt through the chat template, left-padded), each scored with -CME (Eq. 3). Returns {"train.py",
+    "TRL": (mean reward, its standard error over prompts' group means, truncated share)}."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    from sampling import sample
+    from trl_cme import SequenceCME, completion_texts
+
+    device = torch.device(cfg.device)
+    model, tok, _, eos_ids = load_generator(cfg.gen, device)
+    verifier = Verifier(*load_causal_lm(cfg.verifier, dtype=torch.float32, device=cfg.device))
+    reward = SequenceCME(verifier, tok)
+    G, out = cfg.group_size, {}
+    torch.manual_seed(seed)
+    rollout = sample(model, tok, prompts, G, eos_ids, device, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                     batch_size=64)
+    ours = -verifier.sequence_cme(rollout.prompts, rollout.texts)
+    out["train.py"] = (ours, rollout.truncated.numpy())
+    trainer = GRPOTrainer(cfg.gen, reward, args=trl_config(cfg, Path(cfg.out) / "trl"),
+                          processing_class=AutoTokenizer.from_pretrained(cfg.gen),
+                          train_dataset=Dataset.from_list([{"prompt": "x"}]))  # for its generation_config
+    rows = [[{"role": "user", "content": p}] for p in prompts for _ in range(G)]
+    texts, truncated = [], []
+    torch.manual_seed(seed)
+    for i in range(0, len(rows), 64):
+        rendered = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in rows[i:i + 64]]
+        tok.padding_side = "left"
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            ids = model.generate(**enc, generation_config=trainer.generation_config)[:, enc.input_ids.shape[1]:]
+        for r in ids.tolist():
+            hit = next((k for k, t in enumerate(r) if t in trainer.eos_token_ids), None)
+            truncated.append(hit is None)
+            texts.append(completion_texts(tok, [r[:hit + 1] if hit is not None else r])[0])
+    theirs = -verifier.sequence_cme([p for p in prompts for _ in range(G)], texts)
+    out["TRL"] = (theirs, np.array(truncated))
+    result = {}
+    for name, (r, cut) in out.items():
+        groups = np.nanmean(r.reshape(-1, G), 1)
+        result[name] = (float(np.nanmean(r)), float(groups.std(ddof=1) / np.sqrt(len(groups))), float(cut.mean()))
+    return result
 
 
 def run(gen: str, verifier: str, prompts: str, out: str, seeds: list[int], steps: int, reward: str,
@@ -178,12 +232,23 @@ def main(argv: list[str] | None = None) -> None:
                                       ("--held-out", int, 32, "held-out prompts")):
         ap.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    ap.add_argument("--sampling-check", type=int, default=0, metavar="N",
+                    help="instead of training: the untrained generator sampled by both, G responses to each of N "
+                         "held-out prompts, rewards side by side")
     a = ap.parse_args(argv)
     for flag in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "held_out"):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     if a.group_size < 2:
         ap.error("--group-size must be at least 2: GRPO compares the G responses of a prompt")
+    if a.sampling_check:
+        _, held = split_prompts(a.prompts, a.sampling_check, seed=0)  # the first N of run's held-out prompts
+        cfg = replace(Config(), gen=a.gen, verifier=a.verifier, group_size=a.group_size,
+                      max_new_tokens=a.max_new_tokens, device=a.device, out=a.out)
+        for name, (mean, se, cut) in sampling_check(cfg, held, a.seeds[0]).items():
+            print(f"{name:9s} reward {mean:.3f} +- {se:.3f} (standard error over {len(held)} prompts), "
+                  f"truncated {cut:.0%}")
+        return
     run(a.gen, a.verifier, a.prompts, a.out, a.seeds, a.steps, a.reward, a.group_size, a.prompts_per_step,
         a.max_new_tokens, a.lr, a.held_out, a.device)
 
