@@ -241,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     if a.group_size < 2:
         ap.error("--group-size must be at least 2: GRPO compares the G responses of a prompt")
+    if not 0 < a.lr < float("inf"):
+        ap.error(f"--lr {a.lr}: must be a positive number")
+    if a.sampling_check < 0:
+        ap.error("--sampling-check must be 0 (off) or a number of prompts")
+    if a.prompts != "alpaca_eval" and not Path(a.prompts).is_file():
+        ap.error(f"--prompts {a.prompts}: file not found")
     if a.sampling_check:
         _, held = split_prompts(a.prompts, a.sampling_check, seed=0)  # the first N of run's held-out prompts
         cfg = replace(Config(), gen=a.gen, verifier=a.verifier, group_size=a.group_size,

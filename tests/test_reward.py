@@ -201,6 +201,15 @@ def group_ids(gen, opening: str, endings) -> list:
     return [gen.encode(opening + e, add_special_tokens=False) + [gen.eos_token_id] for e in endings]
 
 
+def noisy_bf16_verifier(built):
+    """The tiny Gemma3 in bf16 with batch-shape noise: a forward hook adds an offset of up to 0.01 to
+    the hidden states, fixed for a given (rows, length), as a GPU's kernels vary with the batch."""
+    model, tok = load_causal_lm(str(built["gemma3"]), dtype=torch.bfloat16, device="cpu")
+    model.get_decoder().norm.register_forward_hook(
+        lambda module, args, out: out + 0.01 * math.sin(7.3 * out.shape[0] + 1.7 * out.shape[1]))
+    return model, tok
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_shared_opening_gets_identical_rewards_and_zero_advantage(built, tokenizers, share):
     """G responses sharing a 20+ token opening, scored by a bf16 verifier with token budgets from one
@@ -214,9 +223,7 @@ def test_shared_opening_gets_identical_rewards_and_zero_advantage(built, tokeniz
     """
     from grpo import per_position_advantages
 
-    model, tok = load_causal_lm(str(built["gemma3"]), dtype=torch.bfloat16, device="cpu")
-    model.get_decoder().norm.register_forward_hook(
-        lambda module, args, out: out + 0.01 * math.sin(7.3 * out.shape[0] + 1.7 * out.shape[1]))
+    model, tok = noisy_bf16_verifier(built)
     gen = tokenizers["bytebpe"]
     G = len(ENDINGS)
     ids = group_ids(gen, OPENING, ENDINGS)
@@ -251,9 +258,7 @@ def test_rows_of_a_split_group_get_the_values_of_the_whole_call(built, tokenizer
     with the whole batch as context. Under the batch-shape noise of the test above, a row's values at
     the shared opening are then bit-identical to those of one call scoring every row; scored without
     the context (each process alone), a one-member part has nothing to share and disagrees."""
-    model, tok = load_causal_lm(str(built["gemma3"]), dtype=torch.bfloat16, device="cpu")
-    model.get_decoder().norm.register_forward_hook(
-        lambda module, args, out: out + 0.01 * math.sin(7.3 * out.shape[0] + 1.7 * out.shape[1]))
+    model, tok = noisy_bf16_verifier(built)
     gen = tokenizers["bytebpe"]
     G = len(ENDINGS)
     ids = group_ids(gen, OPENING, ENDINGS)
