@@ -1,0 +1,147 @@
+"""quiz.py: the questions and their checker, the statistics, and the fast mode end to end."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quiz
+
+
+def test_every_right_sentence_is_right_and_every_wrong_one_wrong():
+    """The checker against the sentences the generator of questions wrote itself, for all of them."""
+    every = quiz.questions(0)
+    assert set(every) == set(quiz.FAMILIES) and all(len(qs) >= 28 for qs in every.values())
+    for qs in every.values():
+        for q in qs:
+            assert quiz.is_right(q, q.right), q
+            assert not quiz.is_right(q, q.wrong), q
+            assert q.right != q.wrong and quiz.INSTRUCTION in q.prompt
+
+
+@pytest.mark.parametrize("family, answer, response, right", [
+    ("add", "12", "5 plus 7 is 12.", True),
+    ("add", "12", "The answer is twelve.", True),
+    ("add", "12", "5 + 7 = 13", False),
+    ("add", "12", "To find 5 plus 7, we add them: 5 + 7 = 12, so twelve", True),
+    ("add", "12", "I don't know.", False),
+    ("add", "12", "", False),
+    ("units", "1000", "There are 1,000 grams in a kilogram.", True),
+    ("subtract", "5", "10 minus 5 is 5.", True),   # a question's number that is also the answer counts
+    ("subtract", "5", "10 minus 5 is 4.", False),
+    ("units", "3000", "Multiply 3 by 1000: 3 kilograms are 3000 grams.", True),
+    ("units", "3000", "Multiply 3 by 1000, which is 300 grams.", False),
+    ("units", "42", "It is forty-two.", True),
+    ("capital", "Bogota", "The capital of Colombia is Bogotá.", True),
+    ("capital", "Paris", "Paris, not Rome.", True),
+    ("capital", "Paris", "Rome, not Paris.", False),
+    ("capital", "Paris", "The capital of France is Lyon.", False),
+    ("antonym", "short", "The opposite of long is short.", True),   # "short" is also in INSTRUCTION
+    ("antonym", "short", "The opposite of long is brief.", False),
+    ("weekday", "Tuesday", "The day after Monday is Tuesday.", True),  # the question's own day is not an answer
+    ("weekday", "Tuesday", "The day after Monday is Wednesday, not Tuesday.", False),
+])
+def test_checker_on_written_out_cases(family, answer, response, right):
+    asks = {"units": {"1000": "How many grams are in a kilogram?", "42": "How many?",
+                      "3000": "How many grams are in 3 kilograms?"}, "subtract": {"5": "What is 10 minus 5?"}}
+    q = quiz.Question(family, f"{asks[family][answer]} {quiz.INSTRUCTION}", answer, "", "") if family in asks \
+        else next(q for q in quiz.questions(0)[family] if q.answer == answer)
+    assert quiz.is_right(q, response) is right
+
+
+def test_split_shares_no_question_and_is_the_same_every_time():
+    every = quiz.questions(0)
+    train, held = quiz.split(every)
+    assert quiz.split(quiz.questions(0)) == (train, held)
+    for f, qs in every.items():
+        assert not {q.prompt for q in train[f]} & {q.prompt for q in held[f]}
+        assert sorted(q.prompt for q in train[f] + held[f]) == sorted(q.prompt for q in qs)
+        assert len(held[f]) == round(0.4 * len(qs))
+    assert sum(len(h) for h in held.values()) >= 200
+
+
+@given(st.lists(st.tuples(st.integers(-3, 3), st.booleans()), min_size=4, max_size=24))
+@settings(max_examples=200, deadline=None)
+def test_agreement_equals_counting_every_pair(items):
+    """quiz.agreement against counting every (right, wrong) pair of each group with itertools."""
+    G = 4
+    items = items[:len(items) // G * G]
+    adv = np.array([a for a, _ in items], dtype=float)
+    right = np.array([r for _, r in items])
+    wins = pairs = 0.0
+    for g in range(0, len(items), G):
+        group = list(zip(adv[g:g + G], right[g:g + G]))
+        for (a, ra), (b, rb) in itertools.product(group, group):
+            if ra and not rb:
+                pairs += 1
+                wins += (a > b) + 0.5 * (a == b)
+    share, n = quiz.agreement(adv, right, G)
+    assert n == pairs
+    assert (math.isnan(share) and pairs == 0) or share == pytest.approx(wins / pairs)
+
+
+@given(st.integers(0, 400), st.integers(1, 400))
+def test_wilson_interval_holds_the_share_and_mirrors(k, n):
+    k = min(k, n)
+    low, high = quiz.wilson(k, n)
+    assert 0 <= low <= k / n <= high <= 1
+    mirror = quiz.wilson(n - k, n)
+    assert mirror[0] == pytest.approx(1 - high) and mirror[1] == pytest.approx(1 - low)
+
+
+def test_wilson_interval_matches_its_formula_written_out():
+    # 0 of 10: the upper end is z^2 / (n + z^2) = 3.8416 / 13.8416
+    assert quiz.wilson(0, 10) == (pytest.approx(0.0, abs=1e-12), pytest.approx(3.8416 / 13.8416))
+
+
+def test_paired_interval_on_a_written_out_case():
+    before = [True, False, False, False]
+    after = [True, True, True, False]  # differences 0, 1, 1, 0: mean 0.5, sd 0.57735
+    m, low, high = quiz.paired_interval(after, before)
+    assert m == 0.5 and high - m == pytest.approx(1.96 * 0.5773503 / 2)
+
+
+def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
+    out = tmp_path / "quiz"
+    assert quiz.main(["--fast", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["premise"]) == set(quiz.FAMILIES) and report["kept"] == list(quiz.FAMILIES)
+    assert set(report["results"]) == {"before", "eq1", "eq3", "random", "self"}
+    n = report["results"]["before"]["n"]
+    assert n == sum(round(0.4 * 5) for _ in quiz.FAMILIES)
+    for name, r in report["results"].items():
+        assert r["n"] == n and 0 <= r["accuracy"] <= 1 and r["low"] <= r["accuracy"] <= r["high"]
+        assert len((out / f"{name}.answers.jsonl").read_text().splitlines()) == n
+    for name in ("eq1", "eq3", "random", "self"):
+        metrics = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and all(0 <= m["accuracy"] <= 1 for m in metrics)
+    config = {name: json.loads((out / name / "config.json").read_text()) for name in ("eq1", "eq3", "random", "self")}
+    assert config["eq3"]["reward"] == "sequence" and config["eq1"]["reward"] == "token"
+    assert config["random"]["verifier_init"] == "random" and config["self"]["verifier"] == config["eq1"]["gen"]
+    for r in report["premise"].values():
+        assert 0 <= r["disc_verifier"] <= 1 and 0 <= r["mixed"] <= 1
+    text = (out / "report.md").read_text()
+    assert "| family |" in text and "| generator |" in text
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "report.md"
+              and p.name != "report.json" and "train_questions" not in p.name}
+    assert quiz.main(["--fast", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained, generated or scored again
+    assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--group-size", "1"], "--group-size 1 must be at least 2"),
+    (["--lr", "nan"], "--lr nan must be a positive number"),
+    (["--gen", "/nonexistent/model", "--verifier", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    assert quiz.main([*args, "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
