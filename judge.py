@@ -27,6 +27,7 @@ import os
 import queue
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -297,9 +298,12 @@ class APIJudge:
 
         The workers are daemon threads (not a ThreadPoolExecutor, whose exit hook would wait out every
         request in flight, retries included): on an error or Ctrl-C the run ends at once, losing only
-        the answers in flight, which a rerun asks again.
+        the answers in flight, which a rerun asks again. Ctrl-C only sets a flag that this loop checks
+        (raising KeyboardInterrupt here, between two answers): Python's own KeyboardInterrupt is raised
+        wherever the main thread happens to be, and one raised inside a finalizer (`__del__`, run by the
+        garbage collector at any allocation) is printed as "Exception ignored" and lost.
         """
-        todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+        todo, done, stop, interrupted = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event(), threading.Event()
         for item in enumerate(prompts):
             todo.put(item)
 
@@ -316,9 +320,15 @@ class APIJudge:
 
         for _ in range(min(self.concurrency, len(prompts))):
             threading.Thread(target=worker, daemon=True).start()
+        previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
         try:
             for _ in range(len(prompts)):
                 while True:
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
                     try:
                         i, answer, error = done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
                         break
@@ -329,6 +339,8 @@ class APIJudge:
                 yield i, answer
         finally:
             stop.set()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
 
 class LocalJudge:

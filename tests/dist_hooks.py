@@ -1,4 +1,5 @@
-"""Run train.py's main with a test hook, under torchrun or plain python (tests/test_distributed.py).
+"""Run train.py's main with a test hook, under torchrun or plain python (tests/test_distributed.py,
+tests/test_reliability.py).
 
     python tests/dist_hooks.py HOOK [train.py arguments]
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_hooks.py HOOK [arguments]
@@ -19,6 +20,8 @@ HOOK:
                 and every worker: a scheduler's cancel, which signals every process of the job).
                 From then on every checkpoint write sleeps S seconds first (a big model on a slow
                 disk), FILE marking it for the other ranks.
+  kill-at:N    SIGKILL to itself when the N-th step's update is done, before that step is logged or
+                checkpointed (a kill at a known point, not raced by a poller).
   rank1-sees-older
                 on resume, rank 1's own search for the newest intact checkpoint finds the one before
                 it (a node whose view of a shared filesystem lags).
@@ -105,6 +108,15 @@ def main() -> int:
     elif hook.startswith("stop-at:"):
         _, n, target, sig, seconds, marker = hook.split(":", 5)
         stop_at(int(n), target, sig, float(seconds), Path(marker))
+    elif hook.startswith("kill-at:"):
+        n, real_refresh, calls = int(hook.split(":")[1]), T.refresh_rollout_model, []
+
+        def refresh(*a, **kw):
+            real_refresh(*a, **kw)
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        T.refresh_rollout_model = refresh
     elif hook == "rank1-sees-older":
         if rank1:
             real_intact = T.intact_checkpoint

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -316,21 +315,16 @@ def test_resume_refuses_another_verifier_and_rewritten_prompts(built, four_promp
 def test_resume_after_a_kill_logs_each_step_once(built, four_prompts, tmp_path):
     """A real SIGKILL after a step past the last checkpoint was logged: the resumed run starts from the
     checkpoint and redoes that step; metrics.jsonl and samples.jsonl must not hold it twice."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, run_args(built, four_prompts, out, "--save-every", 2))],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics, deadline = out / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline:  # wait for an odd step: logged, its checkpoint (every 2) not yet written
-        n = metrics.read_text().count("\n") if metrics.exists() else 0
-        if n >= 3 and n % 2 == 1:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    # killed when step 4's update is done: steps 1-3 logged, checkpoint-2 the newest (every 2)
+    proc = subprocess.run([sys.executable, "tests/dist_hooks.py", "kill-at:4",
+                           *map(str, run_args(built, four_prompts, out, "--save-every", 2))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     logged = metrics.read_text().count("\n")
     last_checkpoint = runs.latest_checkpoint(out)
     saved = int(last_checkpoint.name.split("-")[1])
-    assert logged > saved  # the kill left steps logged past the checkpoint: the case under test
+    assert (logged, saved) == (3, 2)  # the kill left a step logged past the checkpoint: the case under test
     r = cli(*run_args(built, four_prompts, out, "--resume", "--max-steps", logged + 1, "--save-every", 2))
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
