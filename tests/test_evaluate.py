@@ -213,10 +213,24 @@ def test_http_malformed_body(server):
 
 
 def test_http_slow_reply_past_the_timeout(server):
-    srv = server(lambda n, body: (200, reply("Verdict: A"), 1.5 if n == 1 else 0, {}))
-    t = time.monotonic()
-    assert client(srv, timeout=0.3).complete([{"role": "user", "content": "x"}]) == "Verdict: A"
-    assert len(srv.calls) == 2 and time.monotonic() - t < 1.4  # gave up on the first, did not wait it out
+    """The first reply is held back (released after 120 s, answering B): a client that gave up on it at
+    its 0.3 s timeout has A from its second try; one that waited it out has B."""
+    held = threading.Event()
+    release = threading.Timer(120, held.set)
+    release.start()
+
+    def behave(n, body):
+        if n == 1:
+            held.wait()
+            return 200, reply("Verdict: B"), 0, {}
+        return 200, reply("Verdict: A"), 0, {}
+    srv = server(behave)
+    try:
+        assert client(srv, timeout=0.3).complete([{"role": "user", "content": "x"}]) == "Verdict: A"
+        assert len(srv.calls) == 2
+    finally:
+        release.cancel()
+        held.set()
 
 
 def test_http_client_errors_are_not_retried_and_never_show_the_key(server, monkeypatch):
