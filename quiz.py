@@ -369,15 +369,23 @@ RUNS = (("eq1", "token", "verifier", "CME-GRPO, Eq. 1 (token)"),
         ("self", "token", "self", "control: generator as its own verifier, Eq. 1"))
 
 
-def curve(metrics: list[dict], k: int = 10) -> tuple[float, float]:
-    """Rollout accuracy over the first k and the last k steps of a run."""
-    acc = [m["accuracy"] for m in metrics]
-    return float(np.mean(acc[:k])), float(np.mean(acc[-k:]))
+def curve(metrics: list[dict], k: int = 10) -> tuple[float, float, float, float]:
+    """A run's rollout accuracy: (mean over its first k steps, over its last k, the least-squares slope
+    per step over all steps, the half-width of that slope's 95% interval (normal))."""
+    acc = np.array([m["accuracy"] for m in metrics], dtype=float)
+    x = np.arange(1, len(acc) + 1, dtype=float)
+    if len(acc) < 3:
+        return float(acc[:k].mean()), float(acc[-k:].mean()), float("nan"), float("nan")
+    slope, intercept = np.polyfit(x, acc, 1)
+    residual = acc - (slope * x + intercept)
+    se = math.sqrt(float(residual @ residual) / (len(acc) - 2) / float(((x - x.mean()) ** 2).sum()))
+    return float(acc[:k].mean()), float(acc[-k:].mean()), float(slope), 1.96 * se
 
 
 def result_table(results: dict, curves: dict) -> str:
     lines = ["| generator | held-out right | 95% interval | change from before (95%) | rollouts right, first 10 "
-             "steps -> last 10 | words | distinct-1 | distinct-2 | truncated |", "|" + "---|" * 9]
+             "steps -> last 10 | slope per 10 steps (95%) | words | distinct-1 | distinct-2 | truncated |",
+             "|" + "---|" * 10]
     labels = {"before": "before"} | {name: label for name, _, _, label in RUNS}
     for name, label in labels.items():
         if name not in results:
@@ -387,8 +395,9 @@ def result_table(results: dict, curves: dict) -> str:
         change = "-" if name == "before" else f"{m:+.1%} ({lo:+.1%}, {hi:+.1%})"
         c = curves.get(name)
         trend = f"{c[0]:.0%} -> {c[1]:.0%}" if c else "-"
+        slope = f"{10 * c[2]:+.1%} ({10 * (c[2] - c[3]):+.1%}, {10 * (c[2] + c[3]):+.1%})" if c and c[2] == c[2] else "-"
         lines.append(f"| {label} | {r['right']}/{r['n']} = {r['accuracy']:.1%} | {r['low']:.1%}-{r['high']:.1%} | "
-                     f"{change} | {trend} | {r['words']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
+                     f"{change} | {trend} | {slope} | {r['words']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
                      f"{r['truncated']:.0%} |")
     return "\n".join(lines)
 

@@ -106,6 +106,19 @@ def test_paired_interval_on_a_written_out_case():
     assert m == 0.5 and high - m == pytest.approx(1.96 * 0.5773503 / 2)
 
 
+@given(st.lists(st.floats(0, 1), min_size=3, max_size=60))
+@settings(max_examples=100, deadline=None)
+def test_curve_slope_and_its_interval_equal_a_written_out_regression(acc):
+    first, last, slope, half = quiz.curve([{"accuracy": a} for a in acc], k=10)
+    x = np.arange(1, len(acc) + 1)
+    b = sum((xi - x.mean()) * (a - np.mean(acc)) for xi, a in zip(x, acc)) / sum((xi - x.mean()) ** 2 for xi in x)
+    fitted = [np.mean(acc) + b * (xi - x.mean()) for xi in x]
+    s2 = sum((a - f) ** 2 for a, f in zip(acc, fitted)) / (len(acc) - 2)
+    assert first == pytest.approx(np.mean(acc[:10])) and last == pytest.approx(np.mean(acc[-10:]))
+    assert slope == pytest.approx(b, abs=1e-9)
+    assert half == pytest.approx(1.96 * math.sqrt(s2 / sum((xi - x.mean()) ** 2 for xi in x)), abs=1e-9)
+
+
 def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     out = tmp_path / "quiz"
     assert quiz.main(["--fast", "--out", str(out)]) == 0
