@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen, ver = args.gen, args.verifier
         run_quiz(gen, ver, **kw)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad values, a model that cannot load, an --out that is a file
         print(f"quiz.py: {e}", file=sys.stderr)
         return 2
     return 0

@@ -158,3 +158,10 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert quiz.main([*args, "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert quiz.main(["--fast", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quiz.py: ") and str(tmp_path / "file") in err and len(err.splitlines()) == 1
