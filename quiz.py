@@ -105,17 +105,31 @@ FAMILIES = ("add", "subtract", "multiply", "add2", "units", "capital", "antonym"
 class Question:
     """One question. prompt: what the models are asked (INSTRUCTION included); answer: the right one (a
     number as text, or a word); right, wrong: the same sentence with the right answer and a wrong one;
-    candidates: the family's answers (word families; empty for numbers)."""
+    candidates: the family's answers (word families; empty for numbers); restated: a regular expression
+    matching the question restated in an answer ("12 minus 6", "2 meters"; numeric families)."""
     family: str
     prompt: str
     answer: str
     right: str
     wrong: str
     candidates: tuple = ()
+    restated: str = ""
 
 
-def _numeric(family: str, ask: str, say: str, answer: int, wrong: int) -> Question:
-    return Question(family, f"{ask} {INSTRUCTION}", str(answer), say.format(answer), say.format(wrong))
+OPERATORS = {"add": r"(?:plus|\+|and)", "add2": r"(?:plus|\+|and)", "subtract": r"(?:minus|-|\u2212)",
+             "multiply": r"(?:times|x|\u00d7|\*|multiplied by)"}
+
+
+def _numeric(family: str, ask: str, say: str, answer: int, wrong: int, restated: str) -> Question:
+    return Question(family, f"{ask} {INSTRUCTION}", str(answer), say.format(answer), say.format(wrong),
+                    restated=restated)
+
+
+def _operation(family: str, a: int, b: int) -> str:
+    """The regular expression of "a OP b" restated (either order where the operation commutes)."""
+    op = OPERATORS[family]
+    either = family in ("add", "add2", "multiply")  # "4 plus 1" restates "1 plus 4"
+    return rf"\b{a}\s*{op}\s*{b}\b" + (rf"|\b{b}\s*{op}\s*{a}\b" if either else "")
 
 
 def questions(seed: int = 0) -> dict[str, list[Question]]:
@@ -128,22 +142,24 @@ def questions(seed: int = 0) -> dict[str, list[Question]]:
     out = {f: [] for f in FAMILIES}
     for a in range(1, 10):
         for b in range(1, 10):
-            out["add"].append(_numeric("add", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b)))
+            out["add"].append(_numeric("add", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b),
+                                       _operation("add", a, b)))
             c = a + 9  # 10..18 minus 1..9
             out["subtract"].append(_numeric("subtract", f"What is {c} minus {b}?", f"{c} minus {b} is {{}}.",
-                                            c - b, off(c - b)))
+                                            c - b, off(c - b), _operation("subtract", c, b)))
     for a in range(2, 10):
         for b in range(2, 10):
             out["multiply"].append(_numeric("multiply", f"What is {a} times {b}?", f"{a} times {b} is {{}}.",
-                                            a * b, off(a * b)))
+                                            a * b, off(a * b), _operation("multiply", a, b)))
     pairs = sorted({(rng.randint(10, 89), rng.randint(10, 89)) for _ in range(200)})[:80]
     for a, b in pairs:
-        out["add2"].append(_numeric("add2", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b)))
+        out["add2"].append(_numeric("add2", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b),
+                                    _operation("add2", a, b)))
     for big, small, factor in UNITS:
         for n in range(2, 11):
             out["units"].append(_numeric("units", f"How many {small} are in {n} {big}?",
                                          f"There are {{}} {small} in {n} {big}.", n * factor,
-                                         (n + rng.choice([-1, 1])) * factor))
+                                         (n + rng.choice([-1, 1])) * factor, rf"\b{n}\s*{big}\b"))
     for family, table, ask, say in (
             ("capital", CAPITALS, "What is the capital of {}?", "The capital of {} is {}."),
             ("antonym", ANTONYMS, "What is the opposite of \"{}\"?", "The opposite of \"{}\" is \"{}\".")):
@@ -204,14 +220,16 @@ def numbers_in(text: str) -> list[float]:
 
 
 def is_right(q: Question, response: str) -> bool:
-    """Whether a response answers q. Numeric families: the last number it states, not counting the
-    question's own numbers unless one is the answer ("There are 200 centimeters in 2 meters." answers 200;
-    "10 minus 5 is 5." answers 5). Word families: the first of the family's answers it names, not counting
+    """Whether a response answers q. Numeric families: the last number it states once the question
+    restated is taken out, not counting the question's own numbers unless one is the answer ("There are
+    200 centimeters in 2 meters." answers 200; "12 minus 6 is 6." answers 6; "12 minus 6 is 12." answers
+    12, not 6). Word families: the first of the family's answers it names, not counting
     those the question names ("The day after Monday is Tuesday." answers Tuesday)."""
     question = q.prompt.replace(INSTRUCTION, "")
     if not q.candidates:
         answer, asked = float(q.answer), set(numbers_in(question))
-        stated = [x for x in numbers_in(response) if x not in asked or x == answer]
+        claimed = re.sub(q.restated, " ", plain(response)) if q.restated else response
+        stated = [x for x in numbers_in(claimed) if x not in asked or x == answer]
         return bool(stated) and stated[-1] == answer
     text, asked = plain(response), plain(question)
     named = []
@@ -336,8 +354,8 @@ def held_out_answers(model_path: str, qs: list[Question], max_new_tokens: int, p
     """Greedy answers to the held-out questions, written to `path` (reused when complete)."""
     if path.exists():
         rows = read_jsonl(path)
-        if len(rows) == len(qs):
-            return rows
+        if len(rows) == len(qs):  # checked again: the file keeps outputs, this function decides what is right
+            return [{**r, "right": is_right(q, r["output"])} for q, r in zip(qs, rows)]
     model, tok, _, eos = load_generator(model_path, device)
     rows = [None] * len(qs)
     for batch in greedy_generate(model, tok, [q.prompt for q in qs], max_new_tokens, eos, batch_size=16):

@@ -34,6 +34,12 @@ def test_every_right_sentence_is_right_and_every_wrong_one_wrong():
     ("units", "1000", "There are 1,000 grams in a kilogram.", True),
     ("subtract", "5", "10 minus 5 is 5.", True),   # a question's number that is also the answer counts
     ("subtract", "5", "10 minus 5 is 4.", False),
+    ("subtract", "5", "10 minus 5 is 10.", False),  # the question restated, then a wrong number of it
+    ("subtract", "5", "10 - 5 = 5", True),
+    ("subtract", "5", "10 - 5 = 5, so 5 + 5 = 10", True),
+    ("add", "16", "7 plus 9 is 7 plus 9.", False),
+    ("add", "16", "9 + 7 = 16", True),
+    ("units", "200", "There are 200 centimeters in 2 meters.", True),
     ("units", "3000", "Multiply 3 by 1000: 3 kilograms are 3000 grams.", True),
     ("units", "3000", "Multiply 3 by 1000, which is 300 grams.", False),
     ("units", "42", "It is forty-two.", True),
@@ -47,10 +53,13 @@ def test_every_right_sentence_is_right_and_every_wrong_one_wrong():
     ("weekday", "Tuesday", "The day after Monday is Wednesday, not Tuesday.", False),
 ])
 def test_checker_on_written_out_cases(family, answer, response, right):
-    asks = {"units": {"1000": "How many grams are in a kilogram?", "42": "How many?",
-                      "3000": "How many grams are in 3 kilograms?"}, "subtract": {"5": "What is 10 minus 5?"}}
-    q = quiz.Question(family, f"{asks[family][answer]} {quiz.INSTRUCTION}", answer, "", "") if family in asks \
-        else next(q for q in quiz.questions(0)[family] if q.answer == answer)
+    asked = {("units", "1000"): "How many grams are in a kilogram?", ("units", "42"): "How many?"}
+    wanted = {("units", "3000"): "kilograms", ("units", "200"): "centimeters", ("subtract", "5"): "10 minus",
+              ("add", "16"): "7 plus 9"}
+    if (family, answer) in asked:
+        q = quiz.Question(family, f"{asked[family, answer]} {quiz.INSTRUCTION}", answer, "", "")
+    else:
+        q = next(q for q in quiz.questions(0)[family] if q.answer == answer and wanted.get((family, answer), "") in q.prompt)
     assert quiz.is_right(q, response) is right
 
 
