@@ -17,6 +17,9 @@ this experiment asks questions whose answers are known and counts right answers.
    - discrimination: how often a scorer gives the right answer a lower CME (Eq. 3) than a wrong one in
      the same sentence ("5 plus 7 is 12." / "5 plus 7 is 13."), for the verifier, the generator as its
      own verifier and the random-weight verifier;
+   - dodging: how often the verifier (and the generator as its own) gives a sentence that answers
+     nothing ("7 plus 9 is 7 plus 9.") a lower CME than the right one: a reward the policy can take
+     without knowing anything;
    - the generator's accuracy, greedy and sampled at temperature 1 (G samples per question), and the
      share of groups of G that mix right and wrong answers (GRPO learns nothing from the others);
    - agreement: over the mixed groups, how often a right response gets a higher advantage than a wrong
@@ -106,7 +109,8 @@ class Question:
     """One question. prompt: what the models are asked (INSTRUCTION included); answer: the right one (a
     number as text, or a word); right, wrong: the same sentence with the right answer and a wrong one;
     candidates: the family's answers (word families; empty for numbers); restated: a regular expression
-    matching the question restated in an answer ("12 minus 6", "2 meters"; numeric families)."""
+    matching the question restated in an answer ("12 minus 6", "2 meters"; numeric families); dodge: the
+    sentence with no answer in it ("7 plus 9 is 7 plus 9.", "There are many minutes in 7 hours.")."""
     family: str
     prompt: str
     answer: str
@@ -114,15 +118,16 @@ class Question:
     wrong: str
     candidates: tuple = ()
     restated: str = ""
+    dodge: str = ""
 
 
 OPERATORS = {"add": r"(?:plus|\+|and)", "add2": r"(?:plus|\+|and)", "subtract": r"(?:minus|-|\u2212)",
              "multiply": r"(?:times|x|\u00d7|\*|multiplied by)"}
 
 
-def _numeric(family: str, ask: str, say: str, answer: int, wrong: int, restated: str) -> Question:
+def _numeric(family: str, ask: str, say: str, answer: int, wrong: int, restated: str, dodge: str) -> Question:
     return Question(family, f"{ask} {INSTRUCTION}", str(answer), say.format(answer), say.format(wrong),
-                    restated=restated)
+                    restated=restated, dodge=say.format(dodge))
 
 
 def _operation(family: str, a: int, b: int) -> str:
@@ -143,38 +148,43 @@ def questions(seed: int = 0) -> dict[str, list[Question]]:
     for a in range(1, 10):
         for b in range(1, 10):
             out["add"].append(_numeric("add", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b),
-                                       _operation("add", a, b)))
+                                       _operation("add", a, b), f"{a} plus {b}"))
             c = a + 9  # 10..18 minus 1..9
             out["subtract"].append(_numeric("subtract", f"What is {c} minus {b}?", f"{c} minus {b} is {{}}.",
-                                            c - b, off(c - b), _operation("subtract", c, b)))
+                                            c - b, off(c - b), _operation("subtract", c, b),
+                                            f"{c} minus {b}"))
     for a in range(2, 10):
         for b in range(2, 10):
             out["multiply"].append(_numeric("multiply", f"What is {a} times {b}?", f"{a} times {b} is {{}}.",
-                                            a * b, off(a * b), _operation("multiply", a, b)))
+                                            a * b, off(a * b), _operation("multiply", a, b),
+                                            f"{a} times {b}"))
     pairs = sorted({(rng.randint(10, 89), rng.randint(10, 89)) for _ in range(200)})[:80]
     for a, b in pairs:
         out["add2"].append(_numeric("add2", f"What is {a} plus {b}?", f"{a} plus {b} is {{}}.", a + b, off(a + b),
-                                    _operation("add2", a, b)))
+                                    _operation("add2", a, b), f"{a} plus {b}"))
     for big, small, factor in UNITS:
         for n in range(2, 11):
             out["units"].append(_numeric("units", f"How many {small} are in {n} {big}?",
                                          f"There are {{}} {small} in {n} {big}.", n * factor,
-                                         (n + rng.choice([-1, 1])) * factor, rf"\b{n}\s*{big}\b"))
-    for family, table, ask, say in (
-            ("capital", CAPITALS, "What is the capital of {}?", "The capital of {} is {}."),
-            ("antonym", ANTONYMS, "What is the opposite of \"{}\"?", "The opposite of \"{}\" is \"{}\".")):
+                                         (n + rng.choice([-1, 1])) * factor, rf"\b{n}\s*{big}\b", "many"))
+    for family, table, ask, say, dodge in (
+            ("capital", CAPITALS, "What is the capital of {}?", "The capital of {} is {}.", "the capital of {}"),
+            ("antonym", ANTONYMS, "What is the opposite of \"{}\"?", "The opposite of \"{}\" is \"{}\".",
+             "the opposite of {}")):
         answers = tuple(sorted(set(table.values())))
         for key, answer in table.items():
             wrong = rng.choice([a for a in answers if a != answer and a != key])
             out[family].append(Question(family, f"{ask.format(key)} {INSTRUCTION}", answer,
-                                        say.format(key, answer), say.format(key, wrong), answers))
+                                        say.format(key, answer), say.format(key, wrong), answers,
+                                        dodge=say.format(key, dodge.format(key))))
     for i, day in enumerate(DAYS):
         for k, words in ((1, "the day after"), (-1, "the day before"), (2, "two days after"), (-2, "two days before")):
             answer = DAYS[(i + k) % 7]
             wrong = rng.choice([d for d in DAYS if d not in (answer, day)])
             say = f"{words[0].upper()}{words[1:]} {day} is {{}}."
             out["weekday"].append(Question("weekday", f"What day is {words} {day}? {INSTRUCTION}", answer,
-                                           say.format(answer), say.format(wrong), tuple(DAYS)))
+                                           say.format(answer), say.format(wrong), tuple(DAYS),
+                                           dodge=say.format(f"{words} {day}")))
     return out
 
 
@@ -290,12 +300,24 @@ def discrimination(verifier: Verifier, qs: list[Question]) -> float:
 AGREEMENT = (("token", "verifier"), ("sequence", "verifier"), ("token", "self"))  # (reward, scorer) pairs
 
 
+def dodging(verifier: Verifier, qs: list[Question]) -> float:
+    """Share of questions whose dodge ("7 plus 9 is 7 plus 9.") has a lower CME (Eq. 3) than the right
+    sentence (ties half): how often the reward prefers saying nothing to answering."""
+    cme = verifier.sequence_cme([q.prompt for q in qs for _ in (0, 1)], [s for q in qs for s in (q.right, q.dodge)])
+    right, dodge = cme[0::2], cme[1::2]
+    return float(np.mean(np.where(dodge < right, 1.0, np.where(dodge == right, 0.5, 0.0))))
+
+
+DODGE_SCORERS = ("verifier", "self")
+
+
 def premise(cfg: Config, scorers: dict[str, Verifier], train_qs: dict[str, list[Question]], sampled: int = 10) -> dict:
     """The premise table's numbers per family (module docstring, item 2). cfg: the runs' settings (gen,
     group_size, max_new_tokens, seed, device); scorers: name -> Verifier ("verifier", "self", "random").
     Discrimination and greedy accuracy use every training question; the G samples per question (sampled
     accuracy, mixed groups, agreement under AGREEMENT) the first `sampled` of each family, for time.
-    Returns {family: {n, disc_<scorer>, greedy, groups, sampled, mixed, agree_<reward>_<scorer>, pairs}}."""
+    Returns {family: {n, disc_<scorer>, dodge_<scorer>, greedy, groups, sampled, mixed,
+    agree_<reward>_<scorer>, pairs}}."""
     device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
     model, tok, _, eos = load_generator(cfg.gen, device)
     rows = {}
@@ -304,6 +326,8 @@ def premise(cfg: Config, scorers: dict[str, Verifier], train_qs: dict[str, list[
         row = {"n": len(qs)}
         for name, v in scorers.items():
             row[f"disc_{name}"] = discrimination(v, qs)
+        for name in DODGE_SCORERS:
+            row[f"dodge_{name}"] = dodging(scorers[name], qs)
         greedy = [r for batch in greedy_generate(model, tok, [q.prompt for q in qs], cfg.max_new_tokens, eos,
                                                  batch_size=16) for r in batch]
         row["greedy"] = float(np.mean([is_right(qs[r["position"]], r["output"]) for r in greedy]))
@@ -337,12 +361,12 @@ def premise_table(rows: dict, kept: list[str]) -> str:
     """The premise table (markdown): discrimination by each scorer, the generator's accuracy, mixed
     groups, agreement of the advantages with right answers (Eq. 1 and 3 with the verifier, Eq. 1 with
     the generator as its own verifier), and whether the family is kept."""
-    lines = ["| family | questions | discr. verifier | discr. self | discr. random | greedy right | groups sampled | "
-             "sampled right | mixed groups | agree Eq. 1 | agree Eq. 3 | agree Eq. 1, self | kept |",
-             "|" + "---|" * 13]
+    lines = ["| family | questions | discr. verifier | discr. self | discr. random | dodge preferred, verifier | "
+             "dodge preferred, self | greedy right | groups sampled | sampled right | mixed groups | agree Eq. 1 | "
+             "agree Eq. 3 | agree Eq. 1, self | kept |", "|" + "---|" * 15]
     for f, r in rows.items():
         lines.append(f"| {f} | {r['n']} | {r['disc_verifier']:.0%} | {r['disc_self']:.0%} | {r['disc_random']:.0%} | "
-                     f"{r['greedy']:.0%} | {r['groups']} | {r['sampled']:.0%} | {r['mixed']:.0%} | "
+                     f"{r['dodge_verifier']:.0%} | {r['dodge_self']:.0%} | {r['greedy']:.0%} | {r['groups']} | {r['sampled']:.0%} | {r['mixed']:.0%} | "
                      f"{pct(r['agree_token_verifier'])} | {pct(r['agree_sequence_verifier'])} | "
                      f"{pct(r['agree_token_self'])} | {'yes' if f in kept else 'no'} |")
     return "\n".join(lines)
@@ -456,6 +480,13 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
     premise_file = out / "premise.json"
     if premise_file.exists():
         rows = json.loads(premise_file.read_text())
+        if any(f"dodge_{name}" not in r for r in rows.values() for name in DODGE_SCORERS):  # a folder from before
+            scorers = {"verifier": Verifier(*load_causal_lm(verifier, device=dev)),  # the dodge columns existed
+                       "self": Verifier(*load_causal_lm(gen, device=dev))}
+            for f, r in rows.items():
+                r.update({f"dodge_{name}": dodging(scorers[name], train_qs[f]) for name in DODGE_SCORERS})
+            del scorers
+            premise_file.write_text(json.dumps(rows, indent=1))
     else:
         scorers = {"verifier": Verifier(*load_causal_lm(verifier, device=dev)),
                    "self": Verifier(*load_causal_lm(gen, device=dev)),

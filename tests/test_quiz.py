@@ -21,6 +21,7 @@ def test_every_right_sentence_is_right_and_every_wrong_one_wrong():
         for q in qs:
             assert quiz.is_right(q, q.right), q
             assert not quiz.is_right(q, q.wrong), q
+            assert not quiz.is_right(q, q.dodge), q
             assert q.right != q.wrong and quiz.INSTRUCTION in q.prompt
 
 
@@ -146,7 +147,7 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     assert config["eq3"]["reward"] == "sequence" and config["eq1"]["reward"] == "token"
     assert config["random"]["verifier_init"] == "random" and config["self"]["verifier"] == config["eq1"]["gen"]
     for r in report["premise"].values():
-        assert 0 <= r["disc_verifier"] <= 1 and 0 <= r["mixed"] <= 1
+        assert 0 <= r["disc_verifier"] <= 1 and 0 <= r["mixed"] <= 1 and 0 <= r["dodge_self"] <= 1
     text = (out / "report.md").read_text()
     assert "| family |" in text and "| generator |" in text
 
@@ -155,6 +156,15 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     assert quiz.main(["--fast", "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained, generated or scored again
     assert json.loads((out / "report.json").read_text())["results"] == report["results"]
+
+    # a premise from before the dodge columns: they are added, nothing else is done again
+    premise = json.loads((out / "premise.json").read_text())
+    (out / "premise.json").write_text(json.dumps({f: {k: v for k, v in r.items() if not k.startswith("dodge_")}
+                                                  for f, r in premise.items()}))
+    assert quiz.main(["--fast", "--out", str(out)]) == 0
+    assert json.loads((out / "premise.json").read_text()) == premise
+    assert {p: p.stat().st_mtime_ns for p in stamps if p.name != "premise.json"} == \
+        {p: t for p, t in stamps.items() if p.name != "premise.json"}
 
 
 @pytest.mark.parametrize("args, message", [
