@@ -277,13 +277,20 @@ def pair_files(tmp_path):
     return cand, opp
 
 
+def sigint_as_in_a_terminal():
+    """preexec_fn: SIGINT back to its default in the child. A job a shell starts in the background
+    (`bash .ci/run &`) inherits SIGINT ignored, and a Python started so never raises KeyboardInterrupt:
+    the Ctrl-C tests failed every time they ran that way, and passed in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def judge_cli(srv, cand, opp, out, replicates=3, **popen):
     spec = f"api:judge-model?base={srv.base}&key=CME_TEST_KEY&temperature=0&concurrency=2&backoff=0.01"
     args = [sys.executable, "evaluate.py", "judge", cand, opp, "--judge", spec, "--replicates", replicates,
             "--out", out, "--verdict-tries", 2]
     env = {**os.environ, "CME_TEST_KEY": "sk-test-secret-123"}
     return subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            text=True, preexec_fn=sigint_as_in_a_terminal, **popen)
 
 
 def test_judge_resumes_after_a_kill_without_asking_twice(server, pair_files, tmp_path):
@@ -412,7 +419,7 @@ def test_ctrl_c_inside_a_finalizer_still_ends_a_judge_run(server):
     srv = server(lambda n, body: (200, reply("Verdict: A"), 0, {}))
     spec = f"api:judge-model?base={srv.base}&temperature=0&concurrency=1"
     run = subprocess.run([sys.executable, "-c", FINALIZER_CTRL_C, spec, str(ROOT)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, preexec_fn=sigint_as_in_a_terminal)
     assert run.stdout.strip() == "interrupted after 3", run.stdout + run.stderr[-2000:]
 
 
