@@ -1,6 +1,6 @@
 """How much bf16 noise reaches the per-position advantages, with and without the shared-context rule.
 
-    python bench_noise.py                       # the real small models of ../shared/models (see README)
+    python bench_noise.py                       # the real small models of ../shared/models (see docs/real-models.md)
     python bench_noise.py --gen HuggingFaceTB/SmolLM2-135M-Instruct --verifier google/gemma-3-270m
 
 Per-position advantages (Section 2) normalise each generator position across the G responses of a

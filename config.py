@@ -41,7 +41,7 @@ class Config:
                           "token (the paper gives EOS none: it has no text); truncated responses get none. It is "
                           "normalised with the text tokens' rewards, so it is a standing bonus or penalty for "
                           "stopping: measured, gemma-3-270m (base) gives 23-34 nats at SmolLM2's natural endings "
-                          "against about 4 for text, a penalty (README, 'Choices the paper leaves open')")
+                          "against about 4 for text, a penalty (docs/choices.md)")
     adv_eps: float = _f(SIGMA_FLOOR, "sigma floor of the advantages: a position (or group) whose reward spread is "
                         "at most this many nats gets advantage 0 (the measured bf16 noise floor, grpo.SIGMA_FLOOR)", check=">=0")
     system_prompt: str | None = _f(None, "system prompt for the generator's chat template: text, or \"\" for "
@@ -57,7 +57,7 @@ class Config:
     micro_batch: int = _f(4, "responses per forward/backward micro-batch", check=">=1")
     gen_batch: int = _f(128, "responses generated per generate() call", check=">=1")
     cache: str = _f("dynamic", "KV cache of rollout generation: dynamic | static (preallocated; what torch.compile "
-                    "and CUDA graphs need; off until measured on a GPU, README)", choices=["dynamic", "static"])
+                    "and CUDA graphs need; off until measured on a GPU, docs/performance.md)", choices=["dynamic", "static"])
     compile_decode: bool = _f(False, "with --cache static on a GPU, let transformers compile the decode step "
                               "(torch.compile, CUDA graphs); off until measured")
     rollout_dtype: str = _f("fp32", "weights rollouts are sampled with: fp32 (the policy itself, bf16 autocast on "

@@ -136,7 +136,7 @@ class CollapseWatch:
         ratio down to COMPRESSION_RATIO of the baseline;
       - invented words: UTF-8 bytes per generator token down to BYTES_RATIO of the baseline (text the
         tokenizer has no words for splits into short pieces).
-    Chosen from three 40-step runs of the real small models (README, "Collapse, as it happens"): the
+    Chosen from three 40-step runs of the real small models (docs/real-models.md, "Collapse, as it happens"): the
     laptop run loops (repeats +0.05 at step 32, +0.20 at 40) and its random-verifier control invents
     words (bytes per token at 0.79 of its start at step 28, 0.61 at 34), while the run at Appendix E's
     learning rate stays far inside every bound (repeats +0.010 at most, compression 0.91, bytes per

@@ -128,3 +128,80 @@ def test_the_readme_layout_lists_every_file_in_downhill_order():
         for m in row:
             assert graph[m] <= above, f"{m}.py imports {sorted(graph[m] - above)}, listed below it"
         above |= set(row)
+
+
+# --- the docs: every link lands, every command names a file that exists ----------------------------------
+
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def heading_anchor(title: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def test_heading_anchor_follows_github():
+    assert heading_anchor("Numerical noise: `python bench_noise.py`") == "numerical-noise-python-bench_noisepy"
+    assert heading_anchor("Side by side: `python compare_trl.py`") == "side-by-side-python-compare_trlpy"
+    assert heading_anchor("Two updates per batch: `--num-iterations 2`") == "two-updates-per-batch---num-iterations-2"
+
+
+def markdown_links(text: str) -> list[str]:
+    """Targets of [text](target) links, code blocks and inline code left out."""
+    import re
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"^(    |\t).*$", "", text, flags=re.M)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def broken_links(doc: Path) -> list[str]:
+    """The relative links of a markdown file whose file, or heading anchor, does not exist."""
+    bad = []
+    for target in markdown_links(doc.read_text(encoding="utf-8")):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if not dest.exists():
+            bad.append(f"{target}: no file {dest}")
+        elif anchor and dest.suffix == ".md":
+            titles = [line.lstrip("#") for line in dest.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+            if anchor not in {heading_anchor(t) for t in titles}:
+                bad.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
+    return bad
+
+
+def commands(doc: Path) -> tuple[set[str], list[str]]:
+    """The .py files that `python X.py` / `torchrun ... X.py` commands of a markdown file name, and those
+    missing (a ../shared path counts only where ../shared exists: a user's clone has none)."""
+    import re
+    named = set(re.findall(r"(?:python3?|torchrun)\b[^\n`|]*?\s((?:\.\./)?[\w./-]+\.py)\b",
+                           doc.read_text(encoding="utf-8")))
+    base = doc.parent if doc.parent != ROOT / "docs" else ROOT  # commands run from the repository root
+    missing = [n for n in sorted(named) if not (base / n).exists()
+               and not (n.startswith("../shared/") and not (ROOT / "../shared").exists())]
+    return named, missing
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(doc):
+    bad = broken_links(doc)
+    assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_python_command_names_a_file_that_exists(doc):
+    named, missing = commands(doc)
+    assert named or doc.name != "README.md", "no command found in README.md: the pattern is broken"
+    assert not missing, f"{doc.name} names missing files: {missing}"
+
+
+def test_the_link_and_command_checks_can_fail(tmp_path):
+    (tmp_path / "there.md").write_text("# A title: `x`\n")
+    doc = tmp_path / "x.md"
+    doc.write_text("See [a](missing.md), [b](there.md#a-title-x), [c](there.md#nope), `[d](in-code.md)`\n"
+                   "and `python nowhere.py --x`, `python there.md`, `torchrun --nproc 2 gone.py`.\n")
+    assert [b.split(":")[0] for b in broken_links(doc)] == ["missing.md", "there.md#nope"]
+    assert commands(doc) == ({"nowhere.py", "gone.py"}, ["gone.py", "nowhere.py"])

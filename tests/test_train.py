@@ -389,7 +389,7 @@ COLLAPSE_DATA = ROOT / "tests" / "data" / "collapse"
                                            ("appendix-e-lr", None, None)])
 def test_collapse_rule_on_the_measured_real_model_runs(run, fires, kind):
     """The metrics lines of three 40-step runs of the real SmolLM2-135M-Instruct with gemma-3-270m
-    (README, "Collapse"): the laptop run and its random-verifier control collapse, Appendix E's lr does not."""
+    (docs/real-models.md, "Collapse"): the laptop run and its random-verifier control collapse, Appendix E's lr does not."""
     rows = [json.loads(x) for x in (COLLAPSE_DATA / f"{run}.jsonl").read_text().splitlines()]
     assert len(rows) == 40
     watch = M.CollapseWatch()
