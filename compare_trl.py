@@ -30,6 +30,7 @@ import torch
 
 from config import Config
 from demo import REAL_GEN, REAL_VERIFIER, response_stats, split_prompts
+from metrics import read_metrics
 from evaluate import run_generate
 from records import read_jsonl
 from reward import Verifier, load_causal_lm
@@ -151,7 +152,7 @@ def run(gen: str, verifier: str, prompts: str, out: str, seeds: list[int], steps
         if not (run_out / f"checkpoint-{steps}").is_dir():
             print(f"\n{name}: {steps} steps", flush=True)
             train(replace(cfg, out=str(run_out), resume=any(run_out.glob("checkpoint-*"))))
-        logged = [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        logged = read_metrics(run_out / "metrics.jsonl")
         rewards[name] = [m["reward_mean"] for m in logged]
         se[name] = [m["reward_std"] / np.sqrt(B - 1) for m in logged]  # population std over the step's B
         models[name] = str(run_out / f"checkpoint-{steps}")

@@ -82,7 +82,8 @@ class Config:
     lora_rank: int = _f(0, "train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the frozen "
                         "weights in bf16 on a GPU; needs peft (lora.py)", check=">=0")
     lora_alpha: float = _f(32.0, "LoRA alpha: the adapters' scale is alpha / rank", check=">0")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA adapters' input", check="[0,1)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA adapters' input (off with --num-iterations > 1, so that "
+                                     "pi_old and pi_theta are one network)", check="[0,1)")
     lora_target_modules: str = _f("all-linear", "modules given adapters: comma-separated names (q_proj,v_proj) or "
                                   "all-linear (every linear layer but the output layer)")
     num_iterations: int = _f(1, "mu: policy updates per rollout batch (GRPO's mu). The old log-probs are computed once, "

@@ -42,7 +42,7 @@ import torch
 
 from config import Config
 from evaluate import run_generate
-from metrics import compression_ratio, mean_distinct
+from metrics import compression_ratio, mean_distinct, read_metrics
 from prompts import load_eval_prompts, read_prompt_file
 from records import read_jsonl
 from reward import Verifier, load_causal_lm
@@ -354,7 +354,7 @@ def run_real(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, prompts: str = 
             print(f"\nCME-GRPO, {name} verifier: {steps} steps", flush=True)
             resume = any(run_out.glob("checkpoint-*"))
             train(replace(cfg, verifier_init=init, out=str(run_out), resume=resume))
-        logged = [json.loads(x) for x in (run_out / "metrics.jsonl").read_text().splitlines()]
+        logged = read_metrics(run_out / "metrics.jsonl")
         seconds[name] = {k: float(np.mean([m[f"time_{k}" if k != "step" else "step_time"] for m in logged]))
                          for k in ("step", "gen", "score", "update")}
         models[name] = str(final)

@@ -180,6 +180,31 @@ def sequence_advantages(rewards: torch.Tensor, group_size: int, eps: float = SIG
     return per_position_advantages(r[:, None], valid[:, None], group_size, eps)[:, 0]
 
 
+def floor_unscored(rewards: torch.Tensor, valid: torch.Tensor | None, present: torch.Tensor | None,
+                   group_size: int, default: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A response that leaves nothing to score (an empty answer, or only whitespace, which Appendix B
+    masks) gets a reward no scored response is below: the lowest reward of its group, at every one of
+    its tokens, or `default` (the caller's -log V, a uniform guess over the verifier's vocabulary) when
+    no response of its group has one. Left out instead, it would have no advantage at all, so nothing
+    would push the policy away from it, and a run could collapse into it unseen (a NaN mean reward).
+
+    rewards: (B, T) float with valid (B, T) bool (scored positions) and present (B, T) bool (the
+        response's tokens); or (B,) float, NaN where unscored (Eq. 3), with valid and present None.
+    Returns (rewards, valid) of the same shapes, the unscored responses filled (finite, valid).
+    """
+    flat = rewards.dim() == 1
+    r = rewards[:, None].clone() if flat else rewards.clone()
+    v = torch.isfinite(r) if flat else valid.clone()
+    p = torch.ones_like(v) if flat else present.bool()
+    unscored = p.any(1) & ~v.any(1)                                   # (B,) something to say, nothing scored
+    for b in unscored.nonzero().flatten().tolist():
+        g = slice(b - b % group_size, b - b % group_size + group_size)
+        scored = r[g][v[g]]
+        r[b] = torch.where(p[b], scored.min() if scored.numel() else torch.tensor(default, dtype=r.dtype), r[b])
+        v[b] = p[b]
+    return (r[:, 0], v[:, 0]) if flat else (r, v)
+
+
 # --- the loss --------------------------------------------------------------------------------------
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

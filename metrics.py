@@ -67,8 +67,8 @@ def compression_ratio(text: str) -> float:
 COLLAPSE_KEYS = ("distinct_1", "distinct_2", "repeated_4gram", "compression", "bytes_per_token", "identical_groups",
                  "len_to_limit")
 """The metrics line's collapse measures: within-response distinct-1/2 (words), the share of repeated token
-4-grams, the zlib compression ratio, UTF-8 bytes per generator token (it falls when the text stops being
-words the tokenizer knows: invented syllables), the share of groups whose G responses are identical, mean
+4-grams, the zlib compression ratio, UTF-8 bytes per generator token, EOS not counted (it falls when the
+text stops being words the tokenizer knows: invented syllables), the share of groups whose G responses are identical, mean
 length over the limit."""
 
 
@@ -92,8 +92,8 @@ def step_record(rollout, adv: torch.Tensor, reward, cme, group_size: int, times:
             "distinct_2": np.array([distinct(w, 2) for w in words]),
             "repeated_4gram": np.array([repeated_share(x, 4) for x in ids]),
             "compression": np.array([compression_ratio(t) for t in rollout.texts]),
-            "bytes_per_token": np.array([len(t.encode("utf-8")) / len(x) if x else np.nan
-                                         for t, x in zip(rollout.texts, ids)]),
+            "bytes_per_token": np.array([len(t.encode("utf-8")) / (len(x) - (not cut)) if len(x) > (not cut) else np.nan
+                                         for t, x, cut in zip(rollout.texts, ids, rollout.truncated.tolist())]),
             "identical_groups": np.array(same), "limit": max_new_tokens,
             "times": (t1 - t0, t2 - t1, t3 - t2, t3 - t0)}
 
@@ -128,50 +128,97 @@ def step_metrics(records: list[dict]) -> dict:
 
 
 class CollapseWatch:
-    """Says once, in one line, when a run's rollouts start to collapse into repetition.
+    """Says once, in one line, when a run's rollouts start to collapse, and when its learning stalls.
 
     The rule compares the mean of the last WINDOW steps with the run's own first WINDOW steps (its
-    baseline: every prompt set and model has its own level). Collapse is either of two failures:
-      - loops: repeated token 4-grams up by REPEATS_UP (an absolute share), or the zlib compression
-        ratio down to COMPRESSION_RATIO of the baseline;
-      - invented words: UTF-8 bytes per generator token down to BYTES_RATIO of the baseline (text the
-        tokenizer has no words for splits into short pieces).
-    Chosen from three 40-step runs of the real small models (docs/real-models.md, "Collapse, as it happens"): the
-    laptop run loops (repeats +0.05 at step 32, +0.20 at 40) and its random-verifier control invents
-    words (bytes per token at 0.79 of its start at step 28, 0.61 at 34), while the run at Appendix E's
-    learning rate stays far inside every bound (repeats +0.010 at most, compression 0.91, bytes per
-    token 0.93 of its start at the lowest).
+    baseline: every prompt set and model has its own level). Collapse is any of three failures:
+      - loops: repeated token 4-grams up by REPEATS_UP (an absolute share);
+      - invented words: UTF-8 bytes per generator token (EOS not counted) down to BYTES_RATIO of the
+        baseline (text the tokenizer has no words for splits into short pieces);
+      - sameness: the share of groups whose G responses are identical up by IDENTICAL_UP.
+    Chosen from three 40-step runs of the real small models (docs/real-models.md, "Collapse, as it
+    happens"): the laptop run loops (repeats +0.05 at step 32, +0.20 at 40) and its random-verifier
+    control invents words (bytes per token at 0.79 of its start at step 28, 0.61 at 34), while the run
+    at Appendix E's learning rate stays far inside every bound (repeats +0.010 at most, bytes per token
+    0.93 of its start at the lowest). The zlib compression ratio is logged but not watched: it falls with
+    length alone (plain English: 1.26 at 31 bytes, 0.63 at 348), so answers that grow would trip it.
+    Length does not move the three watched measures: tests/test_train.py replays runs of plain text
+    that grow from 60 to 500 bytes and shrink from 60 tokens to 2 without a warning.
+
+    A stall is STALL_STEPS steps in a row in which no group has any reward spread: every advantage is 0,
+    the gradient is 0 and the weights do not move (a policy collapsed into one response per prompt).
     """
     WINDOW = 5
     REPEATS_UP = 0.05
-    COMPRESSION_RATIO = 0.8
     BYTES_RATIO = 0.8
+    IDENTICAL_UP = 0.5
+    STALL_STEPS = 3
 
     def __init__(self):
         self.rows: list[dict] = []
-        self.fired: int | None = None
+        self.fired: int | None = None        # the step the collapse warning was given at
+        self.stalled: int | None = None      # the step the stall warning was given at
 
     def update(self, m: dict) -> str | None:
-        """m: a step's metrics line. Returns the warning the first time the rule holds, else None."""
+        """m: a step's metrics line. Returns a warning the first time each rule holds, else None."""
         self.rows.append(m)
+        return self._stall(m) or self._collapse(m)
+
+    def _stall(self, m: dict) -> str | None:
+        n = self.STALL_STEPS
+        if self.stalled is not None or len(self.rows) < n:
+            return None
+        if all(r.get("zero_spread_groups") == 1.0 for r in self.rows[-n:]):
+            self.stalled = m["step"]
+            return (f"warning: no group has had any reward spread for {n} steps (step {m['step']}): every "
+                    "advantage is 0 and the weights no longer change; the rollouts have collapsed (see "
+                    "samples.jsonl); consider a lower --lr or --beta > 0")
+        return None
+
+    def _collapse(self, m: dict) -> str | None:
         w = self.WINDOW
         if self.fired is not None or len(self.rows) < 2 * w:
             return None
         def mean(key, rows):  # over the steps that have the measure (older logs lack bytes_per_token)
-            x = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+            x = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
             return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
         base, now = self.rows[:w], self.rows[-w:]
         repeats = (mean("repeated_4gram", base), mean("repeated_4gram", now))
-        compression = (mean("compression", base), mean("compression", now))
-        piece = (mean("bytes_per_token", base), mean("bytes_per_token", now))  # nan in logs from before it
-        loops = repeats[1] - repeats[0] >= self.REPEATS_UP or compression[1] <= self.COMPRESSION_RATIO * compression[0]
-        if loops or piece[1] <= self.BYTES_RATIO * piece[0]:
-            self.fired = m["step"]
-            return (f"warning: the rollouts are collapsing into {'repetition' if loops else 'invented words'} at step "
-                    f"{m['step']}: over the last {w} steps repeated 4-grams {repeats[1]:.0%} (first {w} steps: "
-                    f"{repeats[0]:.0%}), compression {compression[1]:.2f} ({compression[0]:.2f}), bytes per token "
-                    f"{piece[1]:.2f} ({piece[0]:.2f}); see curves.png, and consider a lower --lr or --beta > 0")
-        return None
+        piece = (mean("bytes_per_token", base), mean("bytes_per_token", now))
+        same = (mean("identical_groups", base), mean("identical_groups", now))
+        kind = ("repetition" if repeats[1] - repeats[0] >= self.REPEATS_UP else
+                "invented words" if piece[1] <= self.BYTES_RATIO * piece[0] else
+                "identical responses" if same[1] - same[0] >= self.IDENTICAL_UP else None)
+        if kind is None:
+            return None
+        self.fired = m["step"]
+        return (f"warning: the rollouts are collapsing into {kind} at step {m['step']}: over the last {w} steps "
+                f"repeated 4-grams {repeats[1]:.0%} (first {w} steps: {repeats[0]:.0%}), bytes per token "
+                f"{piece[1]:.2f} ({piece[0]:.2f}), identical groups {same[1]:.0%} ({same[0]:.0%}); see curves.png, "
+                "and consider a lower --lr or --beta > 0")
+
+
+# --- the metrics file: JSON lines, NaN written as null ----------------------------------------------------
+
+def metrics_line(m: dict) -> str:
+    """One step's metrics as a strict JSON line: NaN and infinities (a distinct-2 of one-word answers)
+    become null, which every JSON reader accepts (jq and JavaScript reject NaN)."""
+    def clean(v):
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+    return json.dumps({k: clean(v) for k, v in m.items()}, allow_nan=False)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl, null read back as NaN (and NaN of older files as it was); a line
+    cut off by a kill is left out."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.append({k: float("nan") if v is None else v for k, v in row.items()})
+    return rows
 
 
 def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k: int) -> list[dict]:
@@ -199,7 +246,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     keys = [("reward_mean", "reward (mean r)"), ("cme_mean", "verifier CME"), ("len_mean", "response length"),
             ("grad_norm", "grad norm"), ("distinct_1", "distinct-1 (words)"), ("distinct_2", "distinct-2 (words)"),
             ("repeated_4gram", "repeated token 4-grams"), ("compression", "zlib compression ratio"),

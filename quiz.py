@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from config import Config
-from metrics import mean_distinct
+from metrics import mean_distinct, read_metrics
 from records import read_jsonl
 from reward import Verifier, load_causal_lm
 from sampling import greedy_generate, load_generator, sample
@@ -521,7 +521,7 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
                               verifier_init="random" if scorer == "random" else "pretrained",
                               resume=any(run_out.glob("checkpoint-*")))
             train(run_cfg, on_step=accuracy)
-        metrics = read_jsonl(run_out / "metrics.jsonl")
+        metrics = read_metrics(run_out / "metrics.jsonl")
         curves[name] = curve(metrics)
         answers[name] = held_out_answers(str(final), test, max_new_tokens, out / f"{name}.answers.jsonl", dev)
         results[name] = summary(answers[name], before)

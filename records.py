@@ -109,11 +109,15 @@ def read_outputs(path: str | Path) -> dict[int, dict]:
     else:
         rows = read_jsonl(path, partial_tail_ok=True)
     name = path.name.split(".")[0]
-    out = {}
+    out, first = {}, {}
     for n, r in enumerate(rows, 1):
         if not isinstance(r.get("index"), int) or not isinstance(r.get("instruction"), str) \
                 or not isinstance(r.get("output"), str):
             raise ValueError(f"{path}: record {n} needs an integer 'index' and string 'instruction' and 'output'")
+        if r["index"] in first:
+            raise ValueError(f"{path}: record {n} repeats index {r['index']} of record {first[r['index']]}; "
+                             "an outputs file holds one output per prompt")
+        first[r["index"]] = n
         out[r["index"]] = {"index": r["index"], "instruction": r["instruction"], "output": r["output"],
                            "generator": str(r.get("generator") or name)}
     if not out:

@@ -23,8 +23,9 @@ How a (prompt, response) pair becomes the verifier's input, and where this depar
      scored after the prefix and the alignment is the identity (the same numbers as the general path
      whenever the ids are the tokenizer's encoding of their text; for a non-canonical sampled
      segmentation it scores the sampled tokens themselves).
-  5. An empty response has no verifier tokens: its Eq. 3 CME is NaN, which `grpo.sequence_advantages`
-     treats as a masked entry.
+  5. An empty response has no verifier tokens: its Eq. 3 CME is NaN here. Training gives such a
+     response, and one of whitespace only (Eq. 1 masks every position of it), the lowest reward of its
+     group (`grpo.floor_unscored`), never a NaN.
   6. Shared context, one value. A verifier token whose whole context (every id before it, and its own)
      is identical across several pairs of a call gets one value for all of them: the log-probability
      from a forward pass of that shared prefix alone (batch of one, no padding), whatever the
@@ -274,6 +275,12 @@ class Verifier:
         self.mask_whitespace = mask_whitespace
         self.share_context = share_context
         self._same: dict = {}
+
+    @property
+    def uniform_logprob(self) -> float:
+        """-log V: the log-probability of a uniform guess over the verifier's V tokens (the reward of a
+        response with nothing to score, `grpo.floor_unscored`)."""
+        return -float(np.log(self.model.get_output_embeddings().weight.shape[0]))
 
     # --- the batched forward ---
     def logprobs(self, ids: Sequence[Sequence[int]], positions: Sequence[np.ndarray],

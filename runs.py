@@ -141,10 +141,23 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def recover_checkpoints(out: Path) -> None:
+    """Undo what a crash inside `save_checkpoint`'s overwrite of checkpoint-N leaves: between its two
+    renames only `.old-checkpoint-N`, the intact previous version, exists; it becomes checkpoint-N
+    again. After the second rename the leftover `.old-` folder is removed."""
+    for old in out.glob(".old-checkpoint-*"):
+        final = out / old.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+
+
 def intact_checkpoint(out: Path, verbose: bool = True) -> tuple[Path, dict]:
     """The newest checkpoint in `out` that loads, and its training state. A broken one (a truncated or
     empty training_state.pt, missing weights) is named on stderr (when verbose) and the one before it
-    is tried."""
+    is tried. A checkpoint that a crash left half-replaced is restored first (`recover_checkpoints`)."""
+    recover_checkpoints(out)
     found = checkpoints(out)
     if not found:
         raise ValueError(f"--resume: no checkpoint in {out}")

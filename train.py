@@ -53,9 +53,9 @@ from align import vocab_bytes
 from config import RESUME_MAY_CHANGE, Config, check_config, parse_config
 from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all_sum, barrier, init_ranks, leave,
                          rank_device, sync_gradients)
-from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import floor_unscored, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from lora import add_adapters, load_adapters, reference
-from metrics import CollapseWatch, log_samples, plot_curves, step_metrics, step_record
+from metrics import CollapseWatch, log_samples, metrics_line, plot_curves, read_metrics, step_metrics, step_record
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
 from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, read_state, rng_state,
@@ -171,15 +171,14 @@ def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device)
         T = rollout.response.shape[1]  # token_rewards is as wide as the longest response; pad to T
         rewards, valid = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
         rewards[:, :narrow.shape[1]], valid[:, :narrow.shape[1]] = narrow, narrow_valid
+        rewards, valid = floor_unscored(rewards, valid, rollout.mask, cfg.group_size, verifier.uniform_logprob)
         adv = per_position_advantages(rewards, valid, cfg.group_size, cfg.adv_eps)
-        n = valid.sum(1).clamp(min=1)
-        per_response = (rewards.double().sum(1) / n).numpy()
-        per_response[valid.sum(1).numpy() == 0] = np.nan
+        per_response = (rewards.double().sum(1) / valid.sum(1).clamp(min=1)).numpy()
         return adv, per_response, -per_response, rewards
     if cfg.reward == "sequence":
         cme = verifier.sequence_cme(rollout.prompts, rollout.texts, ended=ended)       # Eq. 3
-        r = torch.from_numpy(-cme)
-        return sequence_advantages(r, cfg.group_size, cfg.adv_eps), -cme, cme, None
+        r, _ = floor_unscored(torch.from_numpy(-cme), None, None, cfg.group_size, verifier.uniform_logprob)
+        return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), -r.numpy(), None
     r = torch.zeros(B, dtype=torch.float64)
     with torch.no_grad():
         for rows in micro_batches(rollout, cfg.micro_batch):
@@ -213,14 +212,19 @@ def policy_update(model, ref_model, optimizer, scheduler, rollout: Rollout, adva
     """One optimizer step of Eq. 2 over the rollout, accumulated over micro-batches (and over ranks:
     `sync_gradients`).
 
-    old_logp: (B, T) log pi_old (`old_logprobs`); None: the policy being updated sampled the rollout,
-        so old_logp = logp.detach() and rho = 1 (the paper's single update per rollout).
+    old_logp: (B, T) log pi_old (`old_logprobs`, computed without dropout); None: the policy being
+        updated sampled the rollout, so old_logp = logp.detach() and rho = 1 (the paper's single update
+        per rollout). With old_logp, dropout (LoRA's) is off here too: the first update's ratio is 1.
     scheduler: stepped after the update (None: not stepped).
     Returns metrics over the whole step; a non-finite loss or gradient norm skips the step on every
     rank (weights untouched). With `stop`: a requested stop cuts the micro-batches short, and one that
     every rank agrees on before the gradients are summed returns None with the weights untouched.
     """
     model.train()
+    if old_logp is not None:  # pi_old was computed without dropout (LoRA's); pi_theta must be the same network
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     B = rollout.response.shape[0]
     num_sequences = B * ranks.world  # Eq. 2's 1/G over the whole step (every rank), fixed before the loop
     mask = loss_mask(rollout, cfg)
@@ -437,8 +441,8 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     history = []
     watch = CollapseWatch()  # rank 0's: primed with the steps a resumed run already logged
     if ranks.main and resume_from is not None and (out / "metrics.jsonl").exists():
-        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            watch.update(json.loads(line))
+        for row in read_metrics(out / "metrics.jsonl"):
+            watch.update(row)
     bar = tqdm(total=stop, initial=start, desc="cme-grpo", unit="step", dynamic_ncols=True, disable=not ranks.main)
     # A stop (Ctrl-C, SIGTERM) saves the newest complete step: the step in flight is dropped at the next
     # point where the ranks agree (after generation, after scoring, before the gradients are summed, at
@@ -534,7 +538,7 @@ def log_step(out: Path, m: dict, cfg: Config, rollout: Rollout, reward, token_re
     from tqdm import tqdm
 
     with writing(str(out / "metrics.jsonl"), out), open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(m) + "\n")
+        f.write(metrics_line(m) + "\n")
     tracker.log(m, m["step"])
     if m["skipped"]:
         tqdm.write(f"step {m['step']}: non-finite loss or gradient, step skipped (weights unchanged)")

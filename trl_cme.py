@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from align import decode_response, token_bytes, vocab_bytes
-from grpo import per_position_advantages
+from grpo import floor_unscored, per_position_advantages
 from reward import Verifier
 
 __all__ = ["TESTED_TRL", "LOSS_TYPES", "check_trl", "everyone", "completion_texts", "SequenceCME", "TokenCME",
@@ -103,7 +103,7 @@ class SequenceCME:
 
     verifier: a reward.Verifier. tokenizer: the policy's fast tokenizer (the one that sampled the ids).
     Called by TRL with prompts (B strings or conversations), completions and completion_ids (B lists
-    of int); returns B floats (None for an empty completion). Both tokenizers are checked here, so a
+    of int); returns B floats (-log V, a uniform guess, for an empty completion). Both tokenizers are checked here, so a
     tokenizer that cannot be aligned (WordPiece) fails before the first step.
     """
 
@@ -119,12 +119,13 @@ class SequenceCME:
         all_prompts, rows = everyone(prompts)
         all_ids, _ = everyone(completion_ids)
         cme = self.verifier.sequence_cme(all_prompts, completion_texts(self.tokenizer, all_ids), rows=rows)
-        return [None if np.isnan(c) else float(-c) for c in cme]
+        floor = self.verifier.uniform_logprob  # nothing to score: -log V, not None (TRL's nansum makes it 0, the best)
+        return [floor if np.isnan(c) else float(-c) for c in cme]
 
 
 class TokenCME:
     """The reward function CMEGRPOTrainer installs: token rewards r_{i,t} (Eq. 1) for this process's
-    completions, kept in `last` as (rewards (B, T) float32, mask (B, T) bool) for the trainer; TRL
+    completions, kept in `last` as (rewards (B, T) float32, mask (B, T) bool, tokens (B, T) bool) for the trainer; TRL
     itself gets each completion's mean r_{i,t} (None where no token has a verifier counterpart),
     which it logs as rewards/token_cme/mean. tokenizer: set by the trainer once TRL has loaded it."""
 
@@ -132,13 +133,16 @@ class TokenCME:
 
     def __init__(self, verifier: Verifier, tokenizer=None):
         self.verifier, self.tokenizer = verifier, tokenizer
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, prompts: list, completions: list, completion_ids: list, **kwargs) -> list:
         all_prompts, rows = everyone(prompts)
         all_ids, _ = everyone(completion_ids)
         rewards, mask = self.verifier.token_rewards(all_prompts, self.tokenizer, all_ids, rows=rows)
-        self.last = rewards, mask
+        present = torch.zeros_like(mask)  # the completions' tokens: grpo.floor_unscored fills those with none scored
+        for i, r in enumerate(rows):
+            present[i, :len(all_ids[r])] = True
+        self.last = rewards, mask, present
         n = mask.sum(1)
         means = (rewards * mask).sum(1) / n.clamp(min=1)
         return [float(m) if k else None for m, k in zip(means.tolist(), n.tolist())]
@@ -186,20 +190,22 @@ class CMEGRPOTrainer(GRPOTrainer):
     def token_advantages(self, length: int) -> torch.Tensor:
         """(B, length) float32 A_{i,t} of this process's completions: the token rewards of the last
         scoring gathered from every process, normalised per position over each group of G."""
-        rewards, mask = self.token_cme.last
+        rewards, mask, present = self.token_cme.last
         self.token_cme.last = None
         B, T = rewards.shape
         device = self.accelerator.device
-        local = torch.zeros(2, B, length, device=device)         # rewards and mask, one gather
-        local[0, :, :T], local[1, :, :T] = rewards, mask.float()
+        local = torch.zeros(3, B, length, device=device)         # rewards, mask and tokens, one gather
+        local[0, :, :T], local[1, :, :T], local[2, :, :T] = rewards, mask.float(), present.float()
         local = self.accelerator.pad_across_processes(local, dim=2)
-        every = self.accelerator.gather(local.transpose(0, 1).contiguous()).transpose(0, 1)  # (2, N, T_max)
+        every = self.accelerator.gather(local.transpose(0, 1).contiguous()).transpose(0, 1)  # (3, N, T_max)
         G = self.num_generations if self.model.training else self.num_generations_eval
-        advantages = per_position_advantages(every[0].cpu(), every[1].cpu().bool(), G)      # (N, T_max)
+        r, m = floor_unscored(every[0].cpu(), every[1].cpu().bool(), every[2].cpu().bool(), G,
+                              self.token_cme.verifier.uniform_logprob)
+        advantages = per_position_advantages(r, m, G)                                       # (N, T_max)
         start = self.accelerator.process_index * B                                          # TRL's own slice
         logged = self._logs["advantages"]                 # TRL logged its scalar ones: the row means instead
         for _ in range(min(len(logged), advantages.shape[0])):
             logged.pop()
-        m = every[1].cpu()
+        m = m.float()
         logged.extend(((advantages * m).sum(1) / m.sum(1).clamp(min=1)).tolist())
         return advantages[start:start + B, :length].to(device)

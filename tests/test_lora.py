@@ -105,3 +105,22 @@ def test_bad_lora_settings_are_one_line(capsys, tmp_path, monkeypatch):
     (tmp_path / "bad" / "adapter_config.json").write_text("{")
     assert lora.main(["merge", str(tmp_path / "bad"), str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: {tmp_path / 'bad' / 'adapter_config.json'} is corrupt")
+
+
+def test_num_iterations_first_update_sees_the_network_pi_old_saw(built):
+    """--num-iterations 2 with LoRA dropout: log pi_old is computed without dropout, so the update must
+    run without it too; the first update's ratio is then exactly 1 and nothing clips."""
+    torch.manual_seed(0)
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"), dtype=None)
+    model = lora.add_adapters(model, 8, 32.0, 0.3, "all-linear")
+    with torch.no_grad():  # trained adapters: lora_B away from its zero start, so dropout changes the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    cfg = T.Config(group_size=4, max_new_tokens=8, micro_batch=4, lora_rank=8, lora_dropout=0.3, num_iterations=2)
+    rollout = T.generate(model, tok, ["Say hello.", "Count to three."], cfg, eos, torch.device("cpu"))
+    old = T.old_logprobs(model, rollout, cfg, torch.device("cpu"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    first = T.policy_update(model, None, opt, None, rollout, torch.randn(rollout.response.shape) * rollout.mask, cfg,
+                            torch.device("cpu"), old_logp=old)
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and first["clip_frac"] == 0.0

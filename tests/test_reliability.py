@@ -507,3 +507,43 @@ def test_the_rng_state_keeps_only_the_sampling_gpus_generator(monkeypatch):
     runs.set_rng_state(saved, torch.device("cuda", 0))  # resumed on another ordinal: that GPU gets it
     assert gens[0].item() == 1 and gens[1].item() == 8
     assert "cuda" not in runs.rng_state(torch.device("cpu"))
+
+
+def test_a_crash_between_the_renames_of_an_overwrite_keeps_the_checkpoint(built, tmp_path, monkeypatch):
+    """save_checkpoint over an existing checkpoint-N (a final save after a re-resume) renames the old one
+    aside, then the new one in. Killed between the two renames, only `.old-checkpoint-N` is on disk: the
+    next resume finds it as checkpoint-N, intact."""
+    model, tok, gen_config, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    runs.save_checkpoint(out, "checkpoint-2", model, tok, gen_config, opt, sched, 2, {"seed": 0})
+    renames, real_rename = [], Path.rename
+
+    def killed_at_the_second(self, target):
+        renames.append(target)
+        if len(renames) == 2:  # checkpoint-2 -> .old-checkpoint-2 done; .tmp-checkpoint-2 -> checkpoint-2 next
+            raise KeyboardInterrupt("killed")
+        return real_rename(self, target)
+    monkeypatch.setattr(Path, "rename", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save_checkpoint(out, "checkpoint-2", model, tok, gen_config, opt, sched, 2, {"seed": 0})
+    monkeypatch.undo()
+    assert not (out / "checkpoint-2").exists() and (out / ".old-checkpoint-2").exists()
+    path, state = runs.intact_checkpoint(out)
+    assert path == out / "checkpoint-2" and state["step"] == 2 and not (out / ".old-checkpoint-2").exists()
+    runs.save_checkpoint(out, "checkpoint-2", model, tok, gen_config, opt, sched, 2, {"seed": 0})
+    (out / ".old-checkpoint-2").mkdir()  # killed after the second rename: the leftover goes
+    assert runs.intact_checkpoint(out)[0] == out / "checkpoint-2" and not (out / ".old-checkpoint-2").exists()
+
+
+def test_an_outputs_file_with_a_repeated_index_is_refused(tmp_path):
+    path = tmp_path / "outs.jsonl"
+    rows = [{"index": 3, "instruction": "a", "output": "x"}, {"index": 4, "instruction": "b", "output": "y"},
+            {"index": 3, "instruction": "a", "output": "z"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"outs.jsonl: record 3 repeats index 3 of record 1"):
+        R.read_outputs(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert sorted(R.read_outputs(path)) == [3, 4]

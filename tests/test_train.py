@@ -373,7 +373,8 @@ def test_collapse_measures_of_a_step_and_their_union_over_ranks():
     ratios = [len(zlib.compress(x.encode(), 9)) / len(x.encode()) for x in texts]
     assert whole["compression"] == pytest.approx(np.mean(ratios))
     assert whole["len_to_limit"] == pytest.approx((3 + 3 + 6 + 1) / 4 / 8)
-    assert whole["bytes_per_token"] == pytest.approx((11 / 3 + 11 / 3 + 17 / 6 + 2 / 1) / 4)
+    # EOS has no bytes: a response that stopped has one token fewer ("ok" has none left), a cut one does not
+    assert whole["bytes_per_token"] == pytest.approx((11 / 2 + 11 / 2 + 17 / 6) / 3)
     ranks = [M.step_record(S.Rollout(rollout.prompts[i:i + 2], rollout.prompt_ids[i:i + 2], response[i:i + 2],
                                      mask[i:i + 2], rollout.truncated[i:i + 2], texts[i:i + 2]),
                            adv[i:i + 2], reward[i:i + 2], None, 2, (0, 1, 2, 3), max_new_tokens=8) for i in (0, 2)]
@@ -620,3 +621,140 @@ def test_the_default_prompt_cap_keeps_one_long_prompt_from_sizing_every_rollout(
     kept = T.fit_context(["Say hi.", long, "Count to three."], tok, model, T.Config(prompts_per_step=1,
                                                                                     max_new_tokens=64), verbose=False)
     assert kept == ["Say hi.", "Count to three."]
+
+
+# --- collapse rules that length alone does not trip; a stalled run; a response with nothing to score ---
+
+def prose() -> str:
+    """Plain English: the lines of docs/ that are prose (no tables, code, lists or headings)."""
+    import re
+    return " ".join(line for p in sorted((ROOT / "docs").glob("*.md")) for line in p.read_text().splitlines()
+                    if re.match(r"^[A-Za-z][a-z]* [a-z]+ [a-z]+ ", line) and "`" not in line)
+
+
+def plain_text_run(tokenizer, sizes, unit: str, group_size: int = 4, groups: int = 2) -> list[dict]:
+    """The metrics lines of a run whose rollouts are plain English (`prose`) that only grow or shrink:
+    step s holds responses of sizes[s] bytes (unit "bytes") or tokens ("tokens"), each a different
+    excerpt, each ended by EOS."""
+    words, eos, rows = prose().split(), tokenizer.eos_token_id, []
+    for step, size in enumerate(sizes, 1):
+        texts = []
+        for b in range(group_size * groups):
+            start, text = (step * 53 + b * 211) % (len(words) - 400), ""
+            for w in words[start:]:
+                longer = (text + " " + w).strip()
+                n = len(longer.encode()) if unit == "bytes" else len(tokenizer(longer).input_ids)
+                if n > size and text:
+                    break
+                text = longer
+            texts.append(text)
+        ids = [tokenizer(t).input_ids + [eos] for t in texts]
+        T_ = max(map(len, ids))
+        response = torch.tensor([x + [0] * (T_ - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (T_ - len(x)) for x in ids]).bool()
+        rollout = S.Rollout(["p"] * len(texts), [[0]] * len(texts), response, mask, torch.zeros(len(texts)).bool(),
+                            texts)
+        rec = M.step_record(rollout, torch.randn(len(texts)), np.zeros(len(texts)), None, group_size, (0, 1, 2, 3), 512)
+        rows.append({"step": step, **M.step_metrics([rec])})
+    return rows
+
+
+def test_collapse_rule_is_not_tripped_by_answers_that_only_grow_or_shrink(tmp_path):
+    """Plain text whose answers grow from 60 to 500 bytes (zlib's ratio falls with length alone) or
+    shrink from 60 tokens to 2 (EOS, which has no bytes, weighs more in a short answer): no warning.
+    The tokenizer is a byte-level BPE trained on that text, so its words are whole tokens, as English
+    is to a real tokenizer (about 4 bytes per token)."""
+    import tiny
+    from transformers import AutoTokenizer
+
+    words = prose().split()  # excerpts start at any word: train on pieces that do too
+    tok = AutoTokenizer.from_pretrained(tiny.build_bytebpe(tmp_path / "tok", [" ".join(words[i:i + 12])
+                                                                                for i in range(len(words))], 4000))
+    grow = plain_text_run(tok, np.linspace(60, 500, 20).astype(int), "bytes")
+    shrink = plain_text_run(tok, np.r_[[60] * 5, np.linspace(60, 2, 5), [2] * 10].astype(int), "tokens")
+    assert grow[-1]["compression"] < 0.7 * grow[0]["compression"]  # what would trip a rule on compression
+    for rows in (grow, shrink):
+        watch = M.CollapseWatch()
+        said = [w for w in map(watch.update, rows) if w is not None]
+        assert not said, said
+
+
+def test_collapse_into_identical_responses_and_a_stall_each_say_so_once():
+    rows = [{"step": s, "repeated_4gram": 0.01, "bytes_per_token": 4.0, "identical_groups": 0.0 if s < 11 else 1.0,
+             "zero_spread_groups": 0.0 if s < 14 else 1.0} for s in range(1, 25)]
+    watch = M.CollapseWatch()
+    said = [(r["step"], w) for r in rows if (w := watch.update(r)) is not None]
+    # step 13's window holds three 1.0 among five: 0.6 over the baseline's 0
+    assert [s for s, _ in said] == [13, 16]
+    assert said[0][1].startswith("warning: the rollouts are collapsing into identical responses at step 13:")
+    assert said[1][1].startswith("warning: no group has had any reward spread for 3 steps (step 16):")
+
+
+def test_metrics_lines_are_strict_json_and_read_back_nan(tmp_path):
+    m = {"step": 1, "reward_mean": -1.5, "distinct_2": float("nan"), "grad_norm": float("inf"), "skipped": False}
+    T.log_step(tmp_path, m, T.Config(sample_every=0), None, None, None, None, None)
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+
+    def strict(name):
+        raise ValueError(f"{name} is not JSON")
+    assert json.loads(line, parse_constant=strict)["distinct_2"] is None
+    back, = M.read_metrics(tmp_path / "metrics.jsonl")
+    assert math.isnan(back["distinct_2"]) and math.isnan(back["grad_norm"]) and back["reward_mean"] == -1.5
+
+
+def floor_oracle(rewards, valid, present, G, default):
+    r, v = rewards.clone(), valid.clone()
+    for b in range(r.shape[0]):
+        if present[b].any() and not valid[b].any():
+            g = range(b - b % G, b - b % G + G)
+            scored = [float(rewards[i, t]) for i in g for t in range(r.shape[1]) if valid[i, t]]
+            for t in range(r.shape[1]):
+                if present[b, t]:
+                    r[b, t], v[b, t] = (min(scored) if scored else default), True
+    return r, v
+
+
+@given(st.integers(0, 2 ** 31 - 1))
+def test_floor_unscored_equals_the_loop(seed):
+    from grpo import floor_unscored
+
+    g = torch.Generator().manual_seed(seed)
+    B, T_, G = 8, 5, 4
+    present = torch.rand(B, T_, generator=g) < 0.8
+    valid = present & (torch.rand(B, T_, generator=g) < 0.5) & (torch.rand(B, 1, generator=g) < 0.6)
+    rewards = torch.where(valid, -torch.rand(B, T_, generator=g) * 5, 0.0)
+    got = floor_unscored(rewards, valid, present, G, -12.0)
+    want = floor_oracle(rewards, valid, present, G, -12.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    flat = torch.where(valid[:, 0], rewards[:, 0], torch.nan)  # Eq. 3: NaN where unscored
+    r, v = floor_unscored(flat, None, None, G, -12.0)
+    want = floor_oracle(rewards[:, :1], valid[:, :1], torch.ones(B, 1).bool(), G, -12.0)
+    assert torch.equal(r, want[0][:, 0]) and v.all()
+
+
+@pytest.mark.parametrize("reward", ["token", "sequence"])
+def test_a_response_with_nothing_to_score_gets_its_groups_lowest_reward_never_nan(built, reward):
+    """An empty response (no verifier token: Eq. 3's mean is NaN, Eq. 1 has only the masked EOS) gets the
+    lowest reward of its group, so its advantage is the group's lowest. Under Eq. 1 whitespace only is
+    unscored too (Appendix B masks it): a group of nothing else gets -log V and no spread."""
+    from reward import Verifier, load_causal_lm
+
+    _, tok, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    verifier = Verifier(*load_causal_lm(str(built["gemma3"]), device="cpu"))
+    texts = ["Hello there.", "", "Count to three.", "A cat.", "  ", "\n\n", "   ", "    "]
+    ids = [tok(t).input_ids + [tok.eos_token_id] for t in texts]
+    T_ = max(map(len, ids))
+    rollout = S.Rollout(["Say hi"] * 4 + ["Count"] * 4, [[0]] * 8,
+                        torch.tensor([x + [0] * (T_ - len(x)) for x in ids]),
+                        torch.tensor([[1] * len(x) + [0] * (T_ - len(x)) for x in ids]).bool(),
+                        torch.zeros(8).bool(), texts)
+    cfg = T.Config(group_size=4, reward=reward)
+    adv, per_response, cme, token_rewards = T.score(rollout, cfg, verifier, tok, None, torch.device("cpu"))
+    assert np.isfinite(per_response).all() and np.isfinite(cme).all()
+    first = adv[:4] if reward == "sequence" else adv[:4, 0]       # the first position: everyone has one
+    assert first[1] == first.min() and first[1] < 0
+    if reward == "sequence":
+        assert per_response[1] == per_response[[0, 2, 3]].min()
+    else:
+        assert token_rewards[1, 0] == token_rewards[[0, 2, 3]][token_rewards[[0, 2, 3]] != 0].min()
+        assert np.allclose(per_response[4:], verifier.uniform_logprob) and not adv[4:].any()
