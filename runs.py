@@ -29,12 +29,13 @@ import torch
 
 # --- writing: a full disk is one line --------------------------------------------------------------------
 
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a failed write raises: OSError (files, matplotlib), RuntimeError (torch.save), and the
-    safetensors writer's own error, a plain Exception subclass from Rust ("No space left on device
-    (os error 28)")."""
+def is_write_error(e: BaseException) -> bool:
+    """Whether `e` is what a failed write raises: OSError (files, matplotlib), RuntimeError (torch.save),
+    the safetensors writer's own error, and the plain Exception that Rust writers (the tokenizers
+    library's `save`) raise with the OS's words: "No space left on device (os error 28)"."""
     from safetensors import SafetensorError
-    return OSError, RuntimeError, SafetensorError
+    return isinstance(e, (OSError, RuntimeError, SafetensorError)) or (
+        type(e) is Exception and "(os error " in str(e))
 
 
 @contextmanager
@@ -44,7 +45,9 @@ def writing(what: str, out: Path, remove: Path | None = None):
     deleted first."""
     try:
         yield
-    except write_errors() as e:
+    except Exception as e:  # noqa: BLE001  (narrowed at once: only a failed write becomes the line)
+        if not is_write_error(e):
+            raise
         left = free_space(out)  # before the cleanup frees what the failed write took
         if remove is not None:
             shutil.rmtree(remove, ignore_errors=True)
