@@ -3,6 +3,7 @@ models on a laptop.
 
     python demo.py                    # the toy world, about 75 s on 2 CPU cores
     python demo.py --seed 1           # another world
+    python demo.py spread runs/*/demo.json   # many runs: each column's range, how many meet the margins
     python demo.py real               # real small models (SmolLM2-135M-Instruct, gemma-3-270m-it)
 
 1. A small synthetic language: prompts ask about a subject in four phrasings ("What does the cat
@@ -14,7 +15,7 @@ models on a laptop.
 3. A tiny *generator* of another family (Qwen2 architecture, byte-level BPE: the two tokenizers
    differ, so Eq. 1's character alignment is really exercised) is pre-trained on a "base model" mix:
    some answers on topic, some about another subject, many in scrambled word order.
-4. CME-GRPO (token-level reward, Eq. 1) trains the generator on half the prompts with the real
+4. CME-GRPO (token-level reward, Eq. 1, with the end of the response scored: `--eos-reward`) trains the generator on half the prompts with the real
    `train.train`; then the same run with two controls: `--verifier-init random` (Section 4's control)
    and `--verifier-init uniform`, where every verifier token costs log V, so the reward is pure
    granularity (how many verifier tokens each generator token covers), which is what a random
@@ -218,9 +219,15 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     results = {"before": held_out(world / "generator", judge, seed),
                "resampled": held_out(world / "generator", judge, seed + 1000)}  # sampling noise alone
 
+    # --eos-reward: Eq. 1 gives EOS no reward, so nothing rewards stopping, and a response's late tokens
+    # are compared only with the other responses still writing; length then drifts unopposed, and one
+    # run in four fell away late (seed 0 on one thread: the truncated share went from 0% to 30-44% in
+    # its last 25 steps, answers twice as long, "...the moon. . bird paints the house. a in tree").
+    # The verifier was trained with its end-of-turn token after every answer, so scoring the ending
+    # rewards stopping where a sentence ends (docs/demo.md measures both over 20 runs).
     base = replace(cfg, gen=str(world / "generator"), verifier=str(world / "verifier"),
-                   prompts=str(train_prompts), reward="token", group_size=8, prompts_per_step=4, micro_batch=32,
-                   gen_batch=256, max_new_tokens=32, lr=lr, warmup_steps=2, epochs=-(-steps // 3),
+                   prompts=str(train_prompts), reward="token", eos_reward=True, group_size=8, prompts_per_step=4,
+                   micro_batch=32, gen_batch=256, max_new_tokens=32, lr=lr, warmup_steps=2, epochs=-(-steps // 3),
                    max_steps=steps, sample_every=0, save_every=10 ** 9, device="cpu", resume=False)
 
     def judged(step, rollout):  # the step's rollouts under the trained verifier: one axis for every run
@@ -234,6 +241,10 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
         results[f"{name}_curve"] = [h["judge_cme"] for h in history]
 
     print(table(results))
+    (out / "demo.json").write_text(json.dumps(
+        {"seed": seed, "threads": torch.get_num_threads(), "steps": steps,
+         **{name: {k: results[name][k] for k, _, _ in COLUMNS} for name in ("before", "resampled", *dict(RUNS))}},
+        indent=1))
     for name, label in (("before", "before training"), ("trained", "after, trained verifier"),
                         ("random", "after, random verifier"), ("uniform", "after, granularity only")):
         print(f"\n{label}:")
@@ -242,6 +253,48 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     _plot(results, out / "demo.png")
     print(f"curves: {out / 'demo.png'}")
     return results
+
+
+def spread(paths: list[str]) -> str:
+    """The demo over many runs (the demo.json of each): per row, the range of each column, and how many
+    runs meet the margins the demo's test asserts (MARGINS)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if not runs:
+        raise ValueError("no demo.json files given")
+    rows = [("before", "before training"), ("resampled", "before, another sampling seed")]
+    rows += [(name, f"after {label}") for name, _, label in RUNS]
+    lines = [f"{len(runs)} runs: seeds {sorted({r['seed'] for r in runs})}, threads {sorted({r['threads'] for r in runs})}",
+             f"{'generator':<40}" + "".join(f"{h:>14}" for _, h, _ in COLUMNS)]
+    for name, label in rows:
+        cells = []
+        for k, _, f in COLUMNS:
+            lo, hi = min(r[name][k] for r in runs), max(r[name][k] for r in runs)
+            cells.append(f"{f.format(lo).strip()}-{f.format(hi).strip()}")
+        lines.append(f"{label:<40}" + "".join(f"{c:>14}" for c in cells))
+    lines.append("")
+    for what, ok in margins(runs).items():
+        lines.append(f"{what}: {ok} of {len(runs)}")
+    return "\n".join(lines)
+
+
+MARGINS = {"grammatical": 0.20, "on_topic": 0.35, "over_controls": 0.50}
+"""What the demo claims, in points of share: the trained-verifier run's gain over the base model in
+grammatical and on-topic responses, and its lead over each control in both."""
+
+
+def margins(runs: list[dict]) -> dict:
+    """How many demo runs (demo.json contents) meet each margin of MARGINS."""
+    def over_base(r, k):
+        return r["trained"][k] - r["before"][k] >= MARGINS[k]
+
+    def over_controls(r):
+        return all(r["trained"][k] - r[c][k] >= MARGINS["over_controls"]
+                   for c in ("random", "uniform") for k in ("grammatical", "on_topic"))
+    return {f"at least {MARGINS['grammatical']:.0%} more grammatical than the base":
+                sum(over_base(r, "grammatical") for r in runs),
+            f"at least {MARGINS['on_topic']:.0%} more on topic than the base": sum(over_base(r, "on_topic") for r in runs),
+            f"at least {MARGINS['over_controls']:.0%} more grammatical and on topic than both controls":
+                sum(over_controls(r) for r in runs)}
 
 
 def table(results: dict) -> str:
@@ -410,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="seed of the world, its models and the runs (default %(default)s)")
     toy.add_argument("--out", default="runs/demo", help="run folder (default %(default)s)")
     toy.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps of each run (default %(default)s)")
+    many = sub.add_parser("spread", help="the toy world over many runs: the range of each column, and how many "
+                                         "runs meet the demo's margins")
+    many.add_argument("files", nargs="+", help="the demo.json of each run (OUT/demo.json)")
     real = sub.add_parser("real", help="real models, prompts split into training and held-out parts")
     real.add_argument("--gen", default=REAL_GEN, help="generator: hub id or local folder (default %(default)s)")
     real.add_argument("--verifier", default=REAL_VERIFIER, help="verifier: hub id or local folder (default %(default)s)")
@@ -436,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.steps < 1:
                 raise ValueError(f"--steps {args.steps} is too small")
             run_demo(Config(seed=args.seed, out=args.out, max_steps=args.steps))
+        elif args.command == "spread":
+            missing = [f for f in args.files if not Path(f).is_file()]
+            if missing:
+                raise ValueError(f"file not found: {missing[0]}")
+            print(spread(args.files))
         else:
             for flag in ("held_out", "steps", "group_size", "prompts_per_step", "max_new_tokens"):
                 if getattr(args, flag) < (2 if flag == "group_size" else 1):

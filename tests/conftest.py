@@ -120,3 +120,18 @@ def four_prompts(tmp_path_factory) -> Path:
     path.write_text("".join(json.dumps({"instruction": p}) + "\n"
                             for p in ["Say hello.", "Count to three.", "Name a colour.", "Write a haiku."]))
     return path
+
+
+# The longest tests first: `pytest -n 2` hands tests out as workers free up, so a long test collected
+# last would run alone at the end while the other worker idles (the order changes no result).
+LONGEST_FIRST = ("test_demo_raises_the_ground_truth", "test_shared_opening_in_bf16_is_exact",
+                 "test_real_command_on_the_real_small_models", "test_a_stop_under_torchrun",
+                 "test_table1_interrupted_and_rerun", "test_ranks_resume_the_checkpoint_rank_0_chose",
+                 "test_a_resumed_two_rank_run_continues_exactly", "test_one_cme_grpo_run_through_the_cli",
+                 "test_a_real_full_disk_at_every_writer", "test_resume_continues_exactly",
+                 "test_a_huge_prompt_is_skipped_before_any_work")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.name.startswith(name)),
+                                     len(LONGEST_FIRST)))

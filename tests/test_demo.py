@@ -107,6 +107,28 @@ def test_demo_raises_the_ground_truth_over_the_base_and_both_controls(tmp_path):
     assert len(before["pairs"]) == 128 and (tmp_path / "demo" / "demo.png").stat().st_size > 0
 
 
+def test_spread_gives_each_columns_range_and_counts_the_runs_that_meet_the_margins(tmp_path, capsys):
+    def run(seed, threads, trained_gramm, random_topic):
+        row = {k: 0.5 for k, _, _ in demo.COLUMNS}
+        r = {"seed": seed, "threads": threads, "steps": 160, "before": dict(row), "resampled": dict(row),
+             "trained": {**row, "grammatical": trained_gramm, "on_topic": 0.9}, "random": {**row, "grammatical": 0.0,
+                                                                                        "on_topic": random_topic},
+             "uniform": {**row, "grammatical": 0.0, "on_topic": 0.0}}
+        path = tmp_path / f"{seed}-{threads}.json"
+        path.write_text(json.dumps(r))
+        return str(path)
+    files = [run(0, 1, 0.9, 0.0), run(0, 2, 0.69, 0.0), run(1, 1, 0.95, 0.5)]
+    demo.main(["spread", *files])
+    out = capsys.readouterr().out
+    assert "3 runs: seeds [0, 1], threads [1, 2]" in out
+    assert "after CME-GRPO, trained verifier" in out and "69%-95%" in out
+    assert "at least 20% more grammatical than the base: 2 of 3" in out     # 0.69 - 0.5 < 0.20
+    assert "at least 35% more on topic than the base: 3 of 3" in out
+    assert "more grammatical and on topic than both controls: 2 of 3" in out  # seed 1: 0.9 - 0.5 on topic
+    with pytest.raises(SystemExit, match="file not found"):
+        demo.main(["spread", str(tmp_path / "nope.json")])
+
+
 # --- the real-model command ------------------------------------------------------------------------------
 
 def test_real_command_runs_on_tiny_models_and_a_rerun_reuses_every_stage(built, tmp_path):
