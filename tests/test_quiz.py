@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -64,6 +65,89 @@ def test_checker_on_written_out_cases(family, answer, response, right):
     assert quiz.is_right(q, response) is right
 
 
+# The rule: an answer is right when it commits to the right answer and to nothing else (quiz.is_right).
+COMMITS = [  # (family, question's operands or key, response, right)
+    # the question restated in words is taken out, as in digits
+    ("subtract", "12 minus 6", "Twelve minus six is twelve.", False),
+    ("subtract", "12 minus 6", "Twelve minus six is six.", True),
+    ("subtract", "12 minus 6", "twelve minus six equals 6", True),
+    # a minus sign makes a number negative; between two numbers it is subtraction
+    ("subtract", "12 minus 6", "The answer is -6.", False),
+    ("subtract", "12 minus 6", "The answer is \u22126.", False),
+    ("subtract", "12 minus 6", "12 -6 = 6", True),
+    ("subtract", "12 minus 6", "12-6=6", True),
+    # denial: "not X" commits against X
+    ("add", "5 plus 7", "5 plus 7 is 13, not 12.", False),
+    ("add", "5 plus 7", "5 plus 7 is 12, not 13.", True),
+    ("add", "5 plus 7", "It isn't 12.", False),
+    ("add", "5 plus 7", "The answer is not 12 but 13.", False),
+    ("add", "5 plus 7", "It is 12 rather than 13.", True),
+    ("add", "5 plus 7", "12, never 11.", True),
+    # hedges: two answers are no answer
+    ("add", "5 plus 7", "It is 11 or 12.", False),
+    ("add", "5 plus 7", "Either 12 or 13.", False),
+    ("add", "5 plus 7", "It is 12. Or maybe 13.", False),
+    # numbers in words and digit groups
+    ("units", "2 meters", "There are two hundred centimeters in 2 meters.", True),
+    ("units", "2 meters", "There are 200 centimeters in two meters.", True),
+    ("units", "10 kilometers", "There are 10 000 meters in 10 kilometers.", True),
+    ("units", "10 kilometers", "There are 10,000 meters in 10 kilometers.", True),
+    ("units", "10 kilometers", "There are ten thousand meters in ten kilometers.", True),
+    ("units", "10 kilometers", "There are 1000 meters in 10 kilometers.", False),
+    ("multiply", "9 times 8", "9 times 8 is seventy-two.", True),
+    ("multiply", "9 times 8", "Nine times eight is seventy two.", True),
+    ("multiply", "9 times 8", "8 times 9 is 72.", True),
+    ("multiply", "9 times 8", "9 x 8 = 63", False),
+    # "one" as a pronoun is not a number
+    ("add", "5 plus 7", "The answer is 12. That one was easy!", True),
+    ("add", "5 plus 7", "The answer is 12, the one you wanted.", True),
+    ("add", "5 plus 7", "One answer: 12.", True),
+    # working before the claim
+    ("add", "5 plus 7", "Add 5 and 7 to get 12.", True),
+    ("add", "5 plus 7", "5 + 7 = 12", True),
+    ("add", "5 plus 7", "5 + 7 = 12. So the answer is 13.", False),
+    # words: denied, alternatives, the only one named
+    ("capital", "France", "It is not Paris.", False),
+    ("capital", "Australia", "Sydney, not Canberra.", False),
+    ("capital", "Australia", "Canberra, not Sydney.", True),
+    ("capital", "France", "Paris or Rome.", False),
+    ("capital", "France", "Paris, and Rome is the capital of Italy.", False),
+    ("capital", "France", "Paris is the capital of France.", True),
+    ("capital", "France", "The capital isn't Rome; it is Paris.", True),
+    ("antonym", "hot", "The opposite of hot is cold.", True),
+    ("antonym", "hot", "The opposite of hot is not cold.", False),
+    ("antonym", "hot", "Cold or warm.", False),
+    ("weekday", "the day after Monday", "The day after Monday is Tuesday.", True),
+    ("weekday", "the day after Monday", "Tuesday, not Wednesday.", True),
+    ("weekday", "the day after Monday", "It is Tuesday or Wednesday.", False),
+    ("weekday", "the day after Monday", "Monday.", False),
+]
+
+
+@pytest.mark.parametrize("family, key, response, right", [c for c in COMMITS if c[3] is not None])
+def test_an_answer_is_right_when_it_commits_to_the_answer_and_nothing_else(family, key, response, right):
+    every = quiz.questions(0)[family]
+    q = next(q for q in every if re.search(r"\b" + re.escape(key) + r"\b", q.prompt.replace('"', "")))
+    assert quiz.is_right(q, response) is right, (q.prompt, q.answer)
+
+
+@given(st.integers(0, 999999))
+def test_numbers_in_words_and_groups_read_as_their_value(n):
+    """The reader of numbers against the number itself, written in digits, in groups and in words."""
+    def words(x):
+        if x < 20:
+            return ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"][x]
+        if x < 100:
+            tens = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"][x // 10]
+            return tens + ("-" + words(x % 10) if x % 10 else "")
+        if x < 1000:
+            return words(x // 100) + " hundred" + (" and " + words(x % 100) if x % 100 else "")
+        return words(x // 1000) + " thousand" + (" " + words(x % 1000) if x % 1000 else "")
+    for text in (str(n), f"{n:,}", f"{n:,}".replace(",", " "), words(n)):
+        assert quiz.numbers_in(f"The answer is {text}.") == [float(n)], text
+
+
 def test_split_shares_no_question_and_is_the_same_every_time():
     every = quiz.questions(0)
     train, held = quiz.split(every)
@@ -71,7 +155,14 @@ def test_split_shares_no_question_and_is_the_same_every_time():
     for f, qs in every.items():
         assert not {q.prompt for q in train[f]} & {q.prompt for q in held[f]}
         assert sorted(q.prompt for q in train[f] + held[f]) == sorted(q.prompt for q in qs)
-        assert len(held[f]) == round(0.4 * len(qs))
+        assert round(0.4 * len(qs)) <= len(held[f]) <= round(0.4 * len(qs)) + 1  # whole pairs of twins
+    # no held-out sum or product has its mirror in training ("7 plus 5" for "5 plus 7")
+    for f in ("add", "add2", "multiply"):
+        operands = [tuple(sorted(map(int, re.findall(r"\d+", q.prompt)))) for q in train[f]]
+        for q in held[f]:
+            assert tuple(sorted(map(int, re.findall(r"\d+", q.prompt)))) not in operands, q.prompt
+    mirrors = [q for q in every["add"] if "7 plus 5" in q.prompt or "5 plus 7" in q.prompt]
+    assert len(mirrors) == 2 and len({quiz.twins(q) for q in mirrors}) == 1
     assert sum(len(h) for h in held.values()) >= 200
 
 
@@ -109,11 +200,47 @@ def test_wilson_interval_matches_its_formula_written_out():
     assert quiz.wilson(0, 10) == (pytest.approx(0.0, abs=1e-12), pytest.approx(3.8416 / 13.8416))
 
 
-def test_paired_interval_on_a_written_out_case():
-    before = [True, False, False, False]
-    after = [True, True, True, False]  # differences 0, 1, 1, 0: mean 0.5, sd 0.57735
-    m, low, high = quiz.paired_interval(after, before)
-    assert m == 0.5 and high - m == pytest.approx(1.96 * 0.5773503 / 2)
+def tango_oracle(after, before, z=1.96, grid=2001):
+    """Tango's interval the slow way: for each delta on a grid, the constrained maximum-likelihood p21
+    found by searching the multinomial log-likelihood itself, then the deltas whose |T| <= z."""
+    n = len(after)
+    b = sum(1 for x, y in zip(after, before) if x and not y)
+    c = sum(1 for x, y in zip(after, before) if y and not x)
+    rest = n - b - c
+    inside = []
+    for delta in np.linspace(-1, 1, grid):
+        lo, hi = max(0.0, -delta), (1 - delta) / 2        # p21 >= 0, p12 = p21 + delta >= 0, p11 + p22 >= 0
+        if hi < lo:
+            continue
+        q = np.linspace(lo, hi, 1001)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ll = (b * np.log(q + delta) if b else 0) + (c * np.log(q) if c else 0) + \
+                 (rest * np.log(1 - 2 * q - delta) if rest else 0)
+        ll = np.where(np.isnan(ll), -np.inf, ll)
+        q21 = q[int(np.argmax(ll))]
+        var = n * (2 * q21 + delta * (1 - delta))
+        num = b - c - n * delta
+        t = 0.0 if num == 0 and var <= 0 else (num / math.sqrt(var) if var > 0 else math.inf)
+        if abs(t) <= z:
+            inside.append(delta)
+    return min(inside), max(inside)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=40))
+@settings(max_examples=15, deadline=None)
+def test_paired_interval_is_tangos_score_interval(pairs):
+    after, before = [a for a, _ in pairs], [b for _, b in pairs]
+    change, low, high = quiz.paired_interval(after, before)
+    assert change == pytest.approx(np.mean(after) - np.mean(before))
+    assert -1 <= low <= change <= high <= 1
+    want = tango_oracle(after, before)
+    assert low == pytest.approx(want[0], abs=2e-3) and high == pytest.approx(want[1], abs=2e-3)
+
+
+def test_paired_interval_when_nothing_changed_is_an_interval_around_zero():
+    same = [True] * 10 + [False] * 10
+    change, low, high = quiz.paired_interval(same, same)
+    assert change == 0 and low < -0.05 and high > 0.05 and low == pytest.approx(-high)
 
 
 @given(st.lists(st.floats(0, 1), min_size=3, max_size=60))
@@ -165,6 +292,14 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     assert json.loads((out / "premise.json").read_text()) == premise
     assert {p: p.stat().st_mtime_ns for p in stamps if p.name != "premise.json"} == \
         {p: t for p, t in stamps.items() if p.name != "premise.json"}
+
+
+def test_a_run_longer_than_one_epoch_of_its_questions_reaches_its_last_step(tmp_path):
+    """4 weekday questions keep 2 for training, one step's worth: 3 steps need 3 epochs of them."""
+    gen, ver = quiz.build_fast(tmp_path / "world")
+    report = quiz.run_quiz(gen, ver, out=str(tmp_path / "quiz"), steps=3, lr=1e-3, group_size=2, prompts_per_step=2,
+                           max_new_tokens=2, seed=0, device="cpu", per_family=4, keep_all=True, families=("weekday",))
+    assert (tmp_path / "quiz" / "self" / "checkpoint-3").is_dir() and report["results"]["self"]["n"] == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -526,6 +526,29 @@ def test_mask_truncated_is_the_update_with_the_truncated_responses_given_no_adva
     assert not torch.allclose(weights[0], weights[2])
 
 
+def test_mask_truncated_with_beta_also_leaves_out_the_kl_of_the_cut_responses(built):
+    """With --beta > 0 the cut responses leave both terms of Eq. 2's sum: the update differs from the one
+    where only their advantages are 0 (which keeps their KL), as docs/training.md says."""
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    torch.manual_seed(4)
+    cfg = T.Config(group_size=4, max_new_tokens=5, micro_batch=4, grad_clip=1e9, beta=0.5)
+    rollout = T.generate(model, tok, ["Hi", "Count"], cfg, eos, torch.device("cpu"))
+    cut = torch.tensor([False, True, False, False, True, True, False, False])
+    rollout = replace(rollout, truncated=cut)
+    adv = torch.randn(rollout.response.shape) * rollout.mask
+    ref, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    with torch.no_grad():  # a reference away from the policy, so the KL term has a gradient
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    weights = []
+    for flag, a in ((True, adv), (False, adv * ~cut[:, None])):
+        m, _, _, _ = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        T.policy_update(m, ref, opt, None, rollout, a, replace(cfg, mask_truncated=flag), torch.device("cpu"))
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert not torch.allclose(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
 def test_num_iterations_reuses_the_rollout_and_the_clip_acts(built, monkeypatch):
     """--num-iterations 2: the first update is the single update of mu = 1 (rho = 1 exactly), the second
     sees rho != 1 and clips; the schedule advances once per step."""
