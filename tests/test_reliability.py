@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, in_process
 
 import evaluate as E
 import judge as J
@@ -204,27 +204,23 @@ def test_a_huge_prompt_is_skipped_before_any_work(built, tmp_path):
     args = ["--gen", built["qwen2"], "--verifier", built["gemma3"], "--prompts", prompts, "--out", tmp_path / "run",
             "--group-size", 2, "--prompts-per-step", 1, "--max-new-tokens", 4, "--max-steps", 1, "--device", "cpu",
             "--sample-every", 0]
-    r = subprocess.run([sys.executable, "train.py", *map(str, [*args, "--max-prompt-tokens", 0])], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)  # no cap: the context alone
+    r = cli(*args, "--max-prompt-tokens", 0)  # no cap: the context alone
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 of 4 prompts longer than 2044 tokens (the generator's context of 2048 tokens" in r.stderr
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(built["qwen2"])
     lengths = [len(tok(S.chat_prefix(tok, p), add_special_tokens=False).input_ids) for p in rows]
     cap = min(lengths)  # --max-prompt-tokens: only the shortest prompt(s) fit
-    r = subprocess.run([sys.executable, "train.py", *map(str, args), "--max-prompt-tokens", str(cap)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = cli(*args, "--max-prompt-tokens", cap)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"skipped {sum(n > cap for n in lengths)} of 4 prompts longer than {cap} tokens" in r.stderr
-    r = subprocess.run([sys.executable, "train.py", *map(str, args[:-4]), "--max-new-tokens", "4096"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = cli(*args[:-4], "--max-new-tokens", 4096)
     assert r.returncode == 2
     last_line_error(r.stderr, "--max-new-tokens 4096: the generator's context is 2048")
     ev = tmp_path / "e.jsonl"
     ev.write_text("".join(json.dumps({"instruction": p, "index": i}) + "\n" for i, p in enumerate(rows)))
-    r = subprocess.run([sys.executable, "evaluate.py", "generate", "--model", str(built["qwen2"]), "--prompts",
-                        str(ev), "--out", str(tmp_path / "o.jsonl"), "--device", "cpu", "--max-new-tokens", "8"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = in_process(E.main, "generate", "--model", built["qwen2"], "--prompts", ev, "--out", tmp_path / "o.jsonl",
+                   "--device", "cpu", "--max-new-tokens", 8)
     assert r.returncode == 2
     last_line_error(r.stderr, "1 prompts (index 2) do not fit the model's context")
     assert not (tmp_path / "o.jsonl").exists()
@@ -265,8 +261,8 @@ def run_args(built, prompts, out, *extra):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    """train.py's main in this process, with its exit code and output (no interpreter start)."""
+    return in_process(T.main, *args)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from conftest import ROOT, in_process
 
 import metrics as M
 import sampling as S
@@ -30,8 +30,14 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """train.py as a command: a new interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """train.py's main in this process (tests that are not about the command line itself)."""
+    return in_process(T.main, *args)
 
 
 def tiny_run_args(built, prompts_file, out, *extra):
@@ -70,9 +76,9 @@ def test_two_step_smoke_run_through_the_cli(built, prompts_file, tmp_path):
 
 def test_resume_continues_exactly(built, prompts_file, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert cli(*tiny_run_args(built, prompts_file, whole, "--max-steps", 3)).returncode == 0
-    assert cli(*tiny_run_args(built, prompts_file, parts, "--max-steps", 2)).returncode == 0
-    r = cli(*tiny_run_args(built, prompts_file, parts, "--max-steps", 3, "--resume"))
+    assert run(*tiny_run_args(built, prompts_file, whole, "--max-steps", 3)).returncode == 0
+    assert run(*tiny_run_args(built, prompts_file, parts, "--max-steps", 2)).returncode == 0
+    r = run(*tiny_run_args(built, prompts_file, parts, "--max-steps", 3, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (parts / "metrics.jsonl").read_text().splitlines()]
@@ -82,8 +88,8 @@ def test_resume_continues_exactly(built, prompts_file, tmp_path):
 
 
 def test_resume_refuses_changed_data_settings(built, prompts_file, tmp_path):
-    assert cli(*tiny_run_args(built, prompts_file, tmp_path, "--max-steps", 1)).returncode == 0
-    r = cli(*tiny_run_args(built, prompts_file, tmp_path, "--resume", "--seed", 5))
+    assert run(*tiny_run_args(built, prompts_file, tmp_path, "--max-steps", 1)).returncode == 0
+    r = run(*tiny_run_args(built, prompts_file, tmp_path, "--resume", "--seed", 5))
     assert r.returncode == 2 and "--seed was 0 in the checkpoint" in r.stderr
 
 
@@ -116,7 +122,7 @@ def test_bad_input_gets_one_line_and_exit_2(built, prompts_file, tmp_path, case,
         args += ["--group-size", 1]
     elif case == "too few prompts":
         args += ["--num-prompts", 1]
-    r = cli(*args)
+    r = run(*args)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and expect in r.stderr, r.stderr
 
@@ -208,7 +214,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(built, prompts_file, 
     assert proc.returncode == 130, err[-2000:]
     done = metrics.read_text().count("\n")
     assert (out / f"checkpoint-{done}").is_dir() and "continue with --resume" in err
-    r = cli(*tiny_run_args(built, prompts_file, out, "--epochs", 500, "--resume", "--max-steps", done + 1))
+    r = run(*tiny_run_args(built, prompts_file, out, "--epochs", 500, "--resume", "--max-steps", done + 1))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, done + 2))
 
@@ -439,7 +445,7 @@ def test_system_prompt_default_text_and_none():
 
 def test_system_prompt_reaches_the_rollout_and_config_json(built, prompts_file, tmp_path):
     out = tmp_path / "run"
-    r = cli(*tiny_run_args(built, prompts_file, out, "--max-steps", 1, "--system-prompt", "Answer in one word."))
+    r = run(*tiny_run_args(built, prompts_file, out, "--max-steps", 1, "--system-prompt", "Answer in one word."))
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["system_prompt"] == "Answer in one word."
@@ -616,7 +622,7 @@ def test_bf16_rollout_copy_follows_the_policy(built, prompts_file, tmp_path):
     for a, b in zip(sampler.parameters(), model.parameters()):
         assert torch.equal(a, b.to(torch.bfloat16))
     out = tmp_path / "run"
-    r = cli(*tiny_run_args(built, prompts_file, out, "--max-steps", 2, "--rollout-dtype", "bf16"))
+    r = run(*tiny_run_args(built, prompts_file, out, "--max-steps", 2, "--rollout-dtype", "bf16"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
