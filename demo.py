@@ -243,7 +243,7 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
     print(table(results))
     (out / "demo.json").write_text(json.dumps(
         {"seed": seed, "threads": torch.get_num_threads(), "steps": steps,
-         **{name: {k: results[name][k] for k, _, _ in COLUMNS} for name in ("before", "resampled", *dict(RUNS))}},
+         **{name: {k: results[name][k] for k, _, _ in COLUMNS} for name in ("before", "resampled", *(r[0] for r in RUNS))}},
         indent=1))
     for name, label in (("before", "before training"), ("trained", "after, trained verifier"),
                         ("random", "after, random verifier"), ("uniform", "after, granularity only")):

@@ -105,6 +105,8 @@ def test_demo_raises_the_ground_truth_over_the_base_and_both_controls(tmp_path):
         assert after["on_topic"] - r[control]["on_topic"] >= 0.50
     assert after["cme"] < before["cme"] - 1.0  # the reward it optimised, on prompts it never saw
     assert len(before["pairs"]) == 128 and (tmp_path / "demo" / "demo.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "demo" / "demo.json").read_text())  # what `demo.py spread` reads
+    assert saved["seed"] == 0 and saved["trained"]["grammatical"] == after["grammatical"]
 
 
 def test_spread_gives_each_columns_range_and_counts_the_runs_that_meet_the_margins(tmp_path, capsys):
