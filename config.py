@@ -34,8 +34,9 @@ class Config:
     verifier_init: str = _f("pretrained", "verifier weights: pretrained | random (Section 4 control) | "
                             "uniform (every token costs log V: a pure-granularity control)",
                             choices=["pretrained", "random", "uniform"])
-    reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2)",
-                     choices=["token", "sequence", "rent"])
+    reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2) | rkl "
+                     "(Eq. 1 less the policy's own log-prob: reverse KL to the verifier, Appendix C without its "
+                     "entropy term)", choices=["token", "sequence", "rent", "rkl"])
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
                           "token (the paper gives EOS none: it has no text); truncated responses get none. It is "

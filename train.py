@@ -158,23 +158,33 @@ def policy_logprobs(model, rollout: Rollout, rows, cfg: Config, device, with_ent
 
 
 def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device):
-    """Rewards and advantages for a rollout (Eq. 1 / Eq. 3 / RENT).
+    """Rewards and advantages for a rollout (Eq. 1 / Eq. 3 / RENT / rkl).
 
     Returns (advantages (B, T) or (B,) float32, per-response reward (B,) float64, cme (B,) float64 or
-    None, token rewards (B, T) or None).
+    None, the verifier's aligned token log-probs (B, T) (Eq. 1's rewards; for samples.jsonl) or None).
     """
     B = rollout.response.shape[0]
     ended = (~rollout.truncated).tolist() if cfg.eos_reward else None
-    if cfg.reward == "token":
+    if cfg.reward in ("token", "rkl"):
         ids = [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(B)]
         narrow, narrow_valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids, ended=ended)  # Eq. 1
         T = rollout.response.shape[1]  # token_rewards is as wide as the longest response; pad to T
         rewards, valid = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
         rewards[:, :narrow.shape[1]], valid[:, :narrow.shape[1]] = narrow, narrow_valid
-        rewards, valid = floor_unscored(rewards, valid, rollout.mask, cfg.group_size, verifier.uniform_logprob)
+        scored = floor_unscored(rewards, valid, rollout.mask, cfg.group_size, verifier.uniform_logprob)
+        surprise = scored[0]                                                       # for samples.jsonl
+        cme = (-scored[0].double().sum(1) / scored[1].sum(1).clamp(min=1)).numpy()  # the verifier's, per response
+        if cfg.reward == "rkl":  # r_{i,t} = log p_verifier(aligned) - log pi_old(y_t): reverse KL, no entropy term
+            own = torch.zeros(B, T)
+            with torch.no_grad():
+                for rows in micro_batches(rollout, cfg.micro_batch):
+                    own[rows] = policy_logprobs(model, rollout, rows, cfg, device).float().cpu()
+            scored = floor_unscored(torch.where(valid, rewards - own, 0.0), valid, rollout.mask, cfg.group_size,
+                                    verifier.uniform_logprob)
+        rewards, valid = scored
         adv = per_position_advantages(rewards, valid, cfg.group_size, cfg.adv_eps)
         per_response = (rewards.double().sum(1) / valid.sum(1).clamp(min=1)).numpy()
-        return adv, per_response, -per_response, rewards
+        return adv, per_response, cme, surprise
     if cfg.reward == "sequence":
         cme = verifier.sequence_cme(rollout.prompts, rollout.texts, ended=ended)       # Eq. 3
         r, _ = floor_unscored(torch.from_numpy(-cme), None, None, cfg.group_size, verifier.uniform_logprob)

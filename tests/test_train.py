@@ -787,3 +787,51 @@ def test_a_response_with_nothing_to_score_gets_its_groups_lowest_reward_never_na
     else:
         assert token_rewards[1, 0] == token_rewards[[0, 2, 3]][token_rewards[[0, 2, 3]] != 0].min()
         assert np.allclose(per_response[4:], verifier.uniform_logprob) and not adv[4:].any()
+
+
+# --- rkl: Eq. 1 less the policy's own log-probability (reverse KL to the verifier) ----------------------
+
+def test_rkl_with_the_generator_as_its_own_verifier_is_zero_everywhere(built):
+    """log p_verifier - log pi_old with verifier = policy (fp32, one tokenizer: the identity alignment)."""
+    from reward import Verifier, load_causal_lm
+
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    torch.manual_seed(0)
+    cfg = T.Config(group_size=4, max_new_tokens=8, micro_batch=3, reward="rkl", mask_whitespace=False)
+    rollout = T.generate(model, tok, ["Say hello.", "Count to three."], cfg, eos, torch.device("cpu"))
+    verifier = Verifier(*load_causal_lm(str(built["qwen2"]), device="cpu"), mask_whitespace=False)
+    adv, per_response, cme, _ = T.score(rollout, cfg, verifier, tok, model, torch.device("cpu"))
+    _, _, _, surprise = T.score(rollout, replace(cfg, reward="token"), verifier, tok, model, torch.device("cpu"))
+    from align import token_byte_spans
+
+    # a special token sampled inside a response has no text, so the verifier reads the response without
+    # it (reward.py, item 4) and the two contexts differ after it: only responses of text are compared
+    text = [b for b in range(8) if (np.diff(token_byte_spans(tok, rollout.response[b, :int(rollout.mask[b].sum())]
+                                                             .numpy()), axis=1)[:-1] > 0).all()]
+    assert len(text) >= 4 and (surprise[text] < -0.1).any()            # the verifier part is not 0 itself
+    assert np.abs(per_response[text]).max() < 1e-4
+
+
+def test_rkl_is_the_aligned_verifier_logprob_less_the_policys_on_a_cross_tokenizer_pair(built):
+    from reward import Verifier, load_causal_lm
+
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    torch.manual_seed(1)
+    cfg = T.Config(group_size=2, max_new_tokens=6, micro_batch=4, reward="rkl", temperature=0.7)
+    rollout = T.generate(model, tok, ["Say hello.", "Count to three."], cfg, eos, torch.device("cpu"))
+    verifier = Verifier(*load_causal_lm(str(built["gemma3"]), device="cpu"))
+    _, _, _, aligned = T.score(rollout, cfg, verifier, tok, model, torch.device("cpu"))
+    _, per_response, _, _ = T.score(rollout, cfg, verifier, tok, model, torch.device("cpu"))
+    want = []
+    for b in range(len(rollout.texts)):  # the oracle: one sequence at a time, a plain forward, logits / T
+        n = int(rollout.mask[b].sum())
+        ids = torch.tensor([rollout.prompt_ids[b] + rollout.response[b, :n].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0].double() / cfg.temperature
+        P = len(rollout.prompt_ids[b])
+        own = torch.log_softmax(logits, -1)[P - 1:P - 1 + n].gather(1, ids[0, P:, None])[:, 0]
+        valid = aligned[b, :n] != 0
+        r = aligned[b, :n].double() - own
+        want.append(float(r[valid].mean()) if valid.any() else math.nan)
+    got = per_response[~np.isnan(want)]
+    np.testing.assert_allclose(got, np.array(want)[~np.isnan(want)], atol=1e-5)
