@@ -1,0 +1,68 @@
+"""gaming.py: the degenerate responses, the preference share against a loop, the fast mode end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gaming
+
+
+@pytest.mark.parametrize("text, first", [
+    ("The cat sat. Then it slept.", "The cat sat."),
+    ("Yes! It is.", "Yes!"),
+    ("No full stop here", "No full stop here"),
+    ("Line one\nLine two.", "Line one"),
+    ("3.5 is a number. Yes.", "3.5 is a number."),
+    ("", ""),
+])
+def test_first_sentence(text, first):
+    assert gaming.first_sentence(text) == first
+
+
+def test_degenerate_responses(tokenizers):
+    tok = tokenizers["bytebpe"]
+    made = gaming.degenerate("  Tell me about cats. ", "Cats purr. They sleep a lot.", tok, 40)
+    assert set(made) == set(gaming.KINDS)
+    assert made["restated"] == "Tell me about cats." and made["near-empty"] == gaming.NEAR_EMPTY
+    loop = made["loop"]
+    k = loop.count("Cats purr.")
+    assert k >= 2 and loop == " ".join(["Cats purr."] * k)
+    n = len(tok(loop, add_special_tokens=False).input_ids)
+    assert n <= 40 < len(tok(loop + " Cats purr.", add_special_tokens=False).input_ids)  # filled to the limit
+    assert gaming.degenerate("Hi", "", tok, 8)["loop"].startswith(gaming.NON_ANSWER)  # an empty sample
+
+
+@given(st.lists(st.lists(st.integers(-3, 3), min_size=3, max_size=3), min_size=1, max_size=6),
+       st.lists(st.integers(-3, 3), min_size=6, max_size=6))
+@settings(max_examples=100, deadline=None)
+def test_preference_counts_every_pair(samples, degenerate):
+    s = np.array(samples, dtype=float)
+    d = np.array(degenerate[:len(samples)], dtype=float)
+    wins = sum(1.0 if d[p] > x else 0.5 if d[p] == x else 0.0 for p in range(len(s)) for x in s[p])
+    assert gaming.preference(d, s) == pytest.approx(wins / s.size)
+
+
+def test_fast_mode_prints_the_table_and_a_verdict(tmp_path, capsys):
+    out = tmp_path / "check" / "check.json"
+    assert gaming.main(["--fast", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| reward | restated | non-answer | loop | near-empty |" in text
+    assert sum(line.startswith(("| Eq. 1 |", "| Eq. 3 |", "| rkl |")) for line in text.splitlines()) == 3
+    assert text.strip().splitlines()[-1].startswith("verdict: ")
+    result = json.loads(out.read_text())
+    for reward, _ in gaming.REWARDS:
+        assert set(result["shares"][reward]) == set(gaming.KINDS)
+        assert all(0 <= v <= 1 for v in result["shares"][reward].values())
+        assert all(np.isfinite(v) for v in result["mean"][reward].values())
+
+
+@pytest.mark.parametrize("args, message", [(["--num-prompts", "0"], "--num-prompts 0 must be at least 1"),
+                                           (["--prompts", "/nonexistent.jsonl"], "prompt file not found")])
+def test_bad_input_is_one_line(args, message, capsys):
+    assert gaming.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
