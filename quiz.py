@@ -29,8 +29,10 @@ this experiment asks questions whose answers are known and counts right answers.
    A family is kept (KEEP rule, fixed before any run) when the verifier discriminates right from wrong
    at least 10 points more often than the generator answers right greedily: the verifier knows more.
 3. CME-GRPO on the kept families' training questions (train.train, the same settings for every run):
-   Eq. 1 and Eq. 3 with the verifier, and with the token-level reward two controls: the random-weight
-   verifier (Section 4) and the generator as its own verifier (the same-family diagnostic of Table 2).
+   Eq. 1, Eq. 3 and rkl with the verifier (each with every --seeds seed), and with the token-level
+   reward two controls: the random-weight verifier (Section 4) and the generator as its own verifier
+   (the same-family diagnostic of Table 2). The reverse pairing is the same command with --gen and
+   --verifier swapped.
    Each step also logs the accuracy of its rollouts (the training curve; never the reward).
 4. Held-out accuracy (greedy) before and after each run, with a 95% Wilson interval and a 95%
    interval of the change from before made for paired shares (Tango's score interval); distinct-n, words and truncation as the demo's collapse measures.
@@ -426,7 +428,7 @@ def discrimination(verifier: Verifier, qs: list[Question]) -> float:
     return float(np.mean(np.where(right < wrong, 1.0, np.where(right == wrong, 0.5, 0.0))))
 
 
-AGREEMENT = (("token", "verifier"), ("sequence", "verifier"), ("token", "self"))  # (reward, scorer) pairs
+AGREEMENT = (("token", "verifier"), ("sequence", "verifier"), ("rkl", "verifier"), ("token", "self"))  # (reward, scorer)
 
 
 def dodging(verifier: Verifier, qs: list[Question]) -> float:
@@ -492,11 +494,12 @@ def premise_table(rows: dict, kept: list[str]) -> str:
     the generator as its own verifier), and whether the family is kept."""
     lines = ["| family | questions | discr. verifier | discr. self | discr. random | dodge preferred, verifier | "
              "dodge preferred, self | greedy right | groups sampled | sampled right | mixed groups | agree Eq. 1 | "
-             "agree Eq. 3 | agree Eq. 1, self | kept |", "|" + "---|" * 15]
+             "agree Eq. 3 | agree rkl | agree Eq. 1, self | kept |", "|" + "---|" * 16]
     for f, r in rows.items():
         lines.append(f"| {f} | {r['n']} | {r['disc_verifier']:.0%} | {r['disc_self']:.0%} | {r['disc_random']:.0%} | "
                      f"{r['dodge_verifier']:.0%} | {r['dodge_self']:.0%} | {r['greedy']:.0%} | {r['groups']} | {r['sampled']:.0%} | {r['mixed']:.0%} | "
                      f"{pct(r['agree_token_verifier'])} | {pct(r['agree_sequence_verifier'])} | "
+                     f"{pct(r.get('agree_rkl_verifier', float('nan')))} | "
                      f"{pct(r['agree_token_self'])} | {'yes' if f in kept else 'no'} |")
     return "\n".join(lines)
 
@@ -536,6 +539,7 @@ def summary(rows: list[dict], before: list[dict]) -> dict:
 
 RUNS = (("eq1", "token", "verifier", "CME-GRPO, Eq. 1 (token)"),
         ("eq3", "sequence", "verifier", "CME-GRPO, Eq. 3 (sequence)"),
+        ("rkl", "rkl", "verifier", "rkl: Eq. 1 less the policy's log-prob (reverse KL)"),
         ("random", "token", "random", "control: random-weight verifier, Eq. 1"),
         ("self", "token", "self", "control: generator as its own verifier, Eq. 1"))
 
@@ -558,9 +562,9 @@ def result_table(results: dict, curves: dict) -> str:
              "steps -> last 10 | slope per 10 steps (95%) | words | distinct-1 | distinct-2 | truncated |",
              "|" + "---|" * 10]
     labels = {"before": "before"} | {name: label for name, _, _, label in RUNS}
-    for name, label in labels.items():
-        if name not in results:
-            continue
+    for name in results:
+        base, _, seed = name.partition("-seed")
+        label = labels[base] + (f", seed {seed}" if seed else "")
         r = results[name]
         m, lo, hi = r["change"]
         change = "-" if name == "before" else f"{m:+.1%} ({lo:+.1%}, {hi:+.1%})"
@@ -591,9 +595,11 @@ def family_table(answers: dict[str, list[dict]], kept: list[str]) -> str:
 def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "runs/quiz", steps: int = 40,
              lr: float = 2e-5, group_size: int = 8, prompts_per_step: int = 2, max_new_tokens: int = 32,
              seed: int = 0, device: str = "cpu", families: tuple = FAMILIES, per_family: int | None = None,
-             keep_all: bool = False) -> dict:
+             keep_all: bool = False, seeds: tuple = (0,)) -> dict:
     """The whole experiment (module docstring); returns {"premise", "kept", "results", "curves"}.
 
+    seeds: the training seeds of the runs with the verifier (Eq. 1, Eq. 3, rkl; the first is named
+    plainly, the others "<run>-seed<s>"); the controls run once, with the first.
     per_family: use only the first this many questions of each family (the fast mode); keep_all: keep
     every family whatever the premise says (the fast mode's random tiny models know nothing)."""
     out = Path(out)
@@ -640,12 +646,14 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
     results, curves = {}, {}
     before = held_out_answers(gen, test, max_new_tokens, out / "before.answers.jsonl", dev)
     results["before"], answers = summary(before, before), {"before": before}
-    for name, reward, scorer, label in RUNS:
+    plan = [(name if s == seeds[0] else f"{name}-seed{s}", s, reward, scorer, label) for name, reward, scorer, label in RUNS
+            for s in (seeds if scorer == "verifier" else seeds[:1])]
+    for name, run_seed, reward, scorer, label in plan:
         run_out = out / name
         final = run_out / f"checkpoint-{steps}"
         if not final.is_dir():
-            print(f"\n{label}: {steps} steps", flush=True)
-            run_cfg = replace(cfg, reward=reward, prompts=str(train_file), out=str(run_out),
+            print(f"\n{label}, seed {run_seed}: {steps} steps", flush=True)
+            run_cfg = replace(cfg, reward=reward, prompts=str(train_file), out=str(run_out), seed=run_seed,
                               epochs=-(-steps // max(1, len(by_prompt) // prompts_per_step)),  # reach `steps`
                               verifier=gen if scorer == "self" else verifier,
                               verifier_init="random" if scorer == "random" else "pretrained",
@@ -698,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                                       ("--max-new-tokens", int, 32, "response limit, in training and evaluation"),
                                       ("--seed", int, 0, "seed of the questions, the split, sampling, the random verifier")):
         ap.add_argument(flag, type=kind, default=default, help=f"{what} (default %(default)s)")
+    ap.add_argument("--seeds", default="0,1", help="training seeds of the runs with the verifier, comma-separated "
+                                                  "(default %(default)s; the controls use the first)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     ap.add_argument("--fast", action="store_true",
                     help="tiny local models, 4 questions per family, 2 steps, G = 2: the plumbing only")
@@ -710,13 +720,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--group-size {args.group_size} must be at least 2")
         if not (args.lr > 0 and math.isfinite(args.lr)):
             raise ValueError(f"--lr {args.lr} must be a positive number")
-        kw = dict(out=args.out, steps=args.steps, lr=args.lr, group_size=args.group_size,
+        try:
+            seeds = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1") from None
+        kw = dict(out=args.out, steps=args.steps, lr=args.lr, group_size=args.group_size, seeds=seeds,
                   prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   device=args.device)
         if args.fast:
             gen, ver = build_fast(Path(args.out) / "world")
             kw.update(steps=2, group_size=2, prompts_per_step=2, max_new_tokens=8, lr=1e-3, per_family=5,
-                      keep_all=True)
+                      keep_all=True, seeds=seeds[:1])
         else:
             gen, ver = args.gen, args.verifier
         run_quiz(gen, ver, **kw)

@@ -261,17 +261,18 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
     assert quiz.main(["--fast", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["premise"]) == set(quiz.FAMILIES) and report["kept"] == list(quiz.FAMILIES)
-    assert set(report["results"]) == {"before", "eq1", "eq3", "random", "self"}
+    assert set(report["results"]) == {"before", "eq1", "eq3", "rkl", "random", "self"}
     n = report["results"]["before"]["n"]
     assert n == sum(round(0.4 * 5) for _ in quiz.FAMILIES)
     for name, r in report["results"].items():
         assert r["n"] == n and 0 <= r["accuracy"] <= 1 and r["low"] <= r["accuracy"] <= r["high"]
         assert len((out / f"{name}.answers.jsonl").read_text().splitlines()) == n
-    for name in ("eq1", "eq3", "random", "self"):
+    for name in ("eq1", "eq3", "rkl", "random", "self"):
         metrics = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [1, 2] and all(0 <= m["accuracy"] <= 1 for m in metrics)
     config = {name: json.loads((out / name / "config.json").read_text()) for name in ("eq1", "eq3", "random", "self")}
     assert config["eq3"]["reward"] == "sequence" and config["eq1"]["reward"] == "token"
+    assert json.loads((out / "rkl" / "config.json").read_text())["reward"] == "rkl"
     assert config["random"]["verifier_init"] == "random" and config["self"]["verifier"] == config["eq1"]["gen"]
     for r in report["premise"].values():
         assert 0 <= r["disc_verifier"] <= 1 and 0 <= r["mixed"] <= 1 and 0 <= r["dodge_self"] <= 1
@@ -306,6 +307,7 @@ def test_a_run_longer_than_one_epoch_of_its_questions_reaches_its_last_step(tmp_
     (["--steps", "0"], "--steps 0 must be at least 1"),
     (["--group-size", "1"], "--group-size 1 must be at least 2"),
     (["--lr", "nan"], "--lr nan must be a positive number"),
+    (["--seeds", "0,x"], "--seeds '0,x': comma-separated integers"),
     (["--gen", "/nonexistent/model", "--verifier", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
@@ -319,3 +321,11 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert quiz.main(["--fast", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("quiz.py: ") and str(tmp_path / "file") in err and len(err.splitlines()) == 1
+
+
+def test_result_table_names_each_seed_of_a_run():
+    r = {"right": 3, "n": 10, "accuracy": 0.3, "low": 0.1, "high": 0.6, "change": (0.0, -0.1, 0.1), "words": 5.0,
+         "distinct_1": 1.0, "distinct_2": 1.0, "truncated": 0.0}
+    text = quiz.result_table({"before": r, "eq1": r, "eq1-seed1": r, "rkl-seed1": r}, {})
+    assert "| CME-GRPO, Eq. 1 (token) |" in text and "| CME-GRPO, Eq. 1 (token), seed 1 |" in text
+    assert "| rkl: Eq. 1 less the policy's log-prob (reverse KL), seed 1 |" in text
