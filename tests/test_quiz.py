@@ -296,11 +296,11 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage(tmp_path):
 
 
 def test_a_run_longer_than_one_epoch_of_its_questions_reaches_its_last_step(tmp_path):
-    """4 weekday questions keep 2 for training, one step's worth: 3 steps need 3 epochs of them."""
+    """4 weekday questions keep 2 for training, one step's worth: 2 steps need 2 epochs of them."""
     gen, ver = quiz.build_fast(tmp_path / "world")
-    report = quiz.run_quiz(gen, ver, out=str(tmp_path / "quiz"), steps=3, lr=1e-3, group_size=2, prompts_per_step=2,
+    report = quiz.run_quiz(gen, ver, out=str(tmp_path / "quiz"), steps=2, lr=1e-3, group_size=2, prompts_per_step=2,
                            max_new_tokens=2, seed=0, device="cpu", per_family=4, keep_all=True, families=("weekday",))
-    assert (tmp_path / "quiz" / "self" / "checkpoint-3").is_dir() and report["results"]["self"]["n"] == 2
+    assert (tmp_path / "quiz" / "self" / "checkpoint-2").is_dir() and report["results"]["self"]["n"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
