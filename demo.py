@@ -1,7 +1,7 @@
 """The offline toy world: CME-GRPO in miniature, judged by ground truth; and CME-GRPO on real small
 models on a laptop.
 
-    python demo.py                    # the toy world, about 75 s on 2 CPU cores
+    python demo.py                    # the toy world, about 3 minutes on 2 CPU cores
     python demo.py --seed 1           # another world
     python demo.py spread runs/*/demo.json   # many runs: each column's range, how many meet the margins
     python demo.py real               # real small models (SmolLM2-135M-Instruct, gemma-3-270m-it)
