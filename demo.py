@@ -274,6 +274,10 @@ def spread(paths: list[str]) -> str:
     lines.append("")
     for what, ok in margins(runs).items():
         lines.append(f"{what}: {ok} of {len(runs)}")
+    gain = {k: min(r["trained"][k] - r["before"][k] for r in runs) for k in ("grammatical", "on_topic")}
+    lead = min(r["trained"][k] - r[c][k] for r in runs for c in ("random", "uniform") for k in ("grammatical", "on_topic"))
+    lines.append(f"smallest gains over the base: {gain['grammatical']:+.0%} grammatical, {gain['on_topic']:+.0%} on topic; "
+                 f"smallest lead over a control: {lead:+.0%}")
     return "\n".join(lines)
 
 
