@@ -140,14 +140,24 @@ def four_prompts(tmp_path_factory) -> Path:
     return path
 
 
-# The longest tests first: `pytest -n 2` hands tests out as workers free up, so a long test collected
-# last would run alone at the end while the other worker idles (the order changes no result).
+# The longest tests first (their measured order on a 2-core CPU): `pytest -n 2` hands tests out as
+# workers free up, so a long test collected last would run alone at the end while the other worker
+# idles. The order changes no result.
 LONGEST_FIRST = ("test_demo_raises_the_ground_truth", "test_shared_opening_in_bf16_is_exact",
                  "test_real_command_on_the_real_small_models", "test_a_stop_under_torchrun",
-                 "test_table1_interrupted_and_rerun", "test_ranks_resume_the_checkpoint_rank_0_chose",
-                 "test_a_resumed_two_rank_run_continues_exactly", "test_one_cme_grpo_run_through_the_cli",
-                 "test_a_real_full_disk_at_every_writer", "test_resume_continues_exactly",
-                 "test_a_huge_prompt_is_skipped_before_any_work")
+                 "test_a_real_full_disk_at_every_writer", "test_table1_interrupted_and_rerun",
+                 "test_ranks_resume_the_checkpoint_rank_0_chose", "test_a_resumed_two_rank_run_continues_exactly",
+                 "test_one_cme_grpo_run_through_the_cli", "test_reference_without_a_second_copy_merge",
+                 "test_two_ranks_equal_one_process_on_the_same_rollouts", "test_figure3_and_table2_share_a_folder",
+                 "test_a_dying_rank_leaves_the_newest_complete_step", "test_two_steps_on_the_real_small_models",
+                 "test_evaluate_generate_equals_one_prompt_at_a_time", "test_ctrl_c_stops_at_a_step_boundary",
+                 "test_a_group_split_over_two_processes", "test_fast_mode_prints_the_table_and_a_verdict",
+                 "test_a_run_longer_than_one_epoch", "test_resume_after_a_kill_logs_each_step_once",
+                 "test_bf16_rollout_copy_follows_the_policy", "test_sequence_cme_equals_hf_forward_with_labels",
+                 "test_a_failing_rank_ends_the_job_in_seconds", "test_fast_mode_end_to_end_then_a_rerun",
+                 "test_two_step_smoke_run_through_the_cli", "test_a_changed_setting_on_a_started_run",
+                 "test_resume_continues_exactly", "test_a_huge_prompt_is_skipped_before_any_work",
+                 "test_a_wordpiece_generator_is_refused")
 
 
 def pytest_collection_modifyitems(items):

@@ -156,10 +156,7 @@ def test_real_command_runs_on_tiny_models_and_a_rerun_reuses_every_stage(built, 
 
 
 def test_real_command_refuses_bad_input_in_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import in_process
 
     few = tmp_path / "few.txt"
     few.write_text("one\ntwo\n")
@@ -167,7 +164,7 @@ def test_real_command_refuses_bad_input_in_one_line(tmp_path):
                           (["--prompts", str(few), "--held-out", "4"], "2 distinct prompts; --held-out 4 needs"),
                           (["--steps", "0"], "--steps 0 is too small"), (["--lr", "-1"], "--lr -1.0 must be"),
                           (["--lr", "inf"], "--lr inf must be a positive number")):
-        r = subprocess.run([sys.executable, "demo.py", "real", *args], cwd=ROOT, capture_output=True, text=True)
+        r = in_process(demo.main, "real", *args)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
 
