@@ -251,7 +251,7 @@ def _number_spans(text: str) -> list[tuple[int, int, int]]:
             if w == "and" and last == "scale" and j + 1 < len(words) and (words[j + 1][2] in _ONES or words[j + 1][2] in _TENS):
                 end, j = e, j + 1
                 continue
-            if w in _SCALES and last in ("unit", "tens"):
+            if w in _SCALES and (last in ("unit", "tens") or (last == "scale" and _SCALES[w] >= 1000 and current)):
                 current = current * _SCALES[w]
                 if _SCALES[w] >= 1000:
                     total, current = total + current, 0
