@@ -258,7 +258,13 @@ def run_demo(cfg, steps: int | None = None, lr: float = 3e-4) -> dict:
 def spread(paths: list[str]) -> str:
     """The demo over many runs (the demo.json of each): per row, the range of each column, and how many
     runs meet the margins the demo's test asserts (MARGINS)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(Path(p).read_text()))
+            runs[-1]["trained"]["grammatical"], runs[-1]["seed"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ValueError(f"{p}: not a demo.json (the file `python demo.py` writes in its --out)") from None
     if not runs:
         raise ValueError("no demo.json files given")
     rows = [("before", "before training"), ("resampled", "before, another sampling seed")]

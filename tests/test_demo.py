@@ -128,6 +128,9 @@ def test_spread_gives_each_columns_range_and_counts_the_runs_that_meet_the_margi
     assert "smallest gains over the base: +19% grammatical, +40% on topic; smallest lead over a control: +40%" in out
     with pytest.raises(SystemExit, match="file not found"):
         demo.main(["spread", str(tmp_path / "nope.json")])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json: not a demo.json"):
+        demo.main(["spread", str(tmp_path / "bad.json")])
 
 
 # --- the real-model command ------------------------------------------------------------------------------
