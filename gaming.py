@@ -94,6 +94,9 @@ def check(gen: str, verifier: str, prompts: list[str], samples: int = 4, max_new
     rewards, for `prompts` (strings). See the module docstring."""
     dev = torch.device(device)
     model, tok, _, eos_ids = load_generator(gen, dev)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max_new_tokens >= context:  # the loop response is built up to this many tokens
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the generator's context is {context} tokens")
     v = Verifier(*load_causal_lm(verifier, device=dev))
     cfg = replace(Config(), gen=gen, verifier=verifier, group_size=samples, max_new_tokens=max_new_tokens,
                   micro_batch=samples, gen_batch=samples * len(prompts), seed=seed, device=device)

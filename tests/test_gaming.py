@@ -66,3 +66,10 @@ def test_bad_input_is_one_line(args, message, capsys):
     assert gaming.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_limit_past_the_generators_context_is_refused(tmp_path):
+    """A huge --max-new-tokens would build the loop response for ever: refused against the context."""
+    gen, ver, prompts = gaming.build_fast(tmp_path / "world")
+    with pytest.raises(ValueError, match="--max-new-tokens 1000000000: the generator's context is"):
+        gaming.check(gen, ver, prompts, 2, 10 ** 9)
