@@ -14,6 +14,7 @@ from pathlib import Path
 from distributed import rank_device
 from grpo import SIGMA_FLOOR
 from lora import require as require_peft
+from objectives import REWARDS
 from trackers import require
 
 __all__ = ["Config", "parse_config", "check_config", "RESUME_MAY_CHANGE"]
@@ -34,9 +35,8 @@ class Config:
     verifier_init: str = _f("pretrained", "verifier weights: pretrained | random (Section 4 control) | "
                             "uniform (every token costs log V: a pure-granularity control)",
                             choices=["pretrained", "random", "uniform"])
-    reward: str = _f("token", "token (Eq. 1) | sequence (Eq. 3) | rent (self-entropy baseline, Table 2) | rkl "
-                     "(Eq. 1 less the policy's own log-prob: reverse KL to the verifier, Appendix C without its "
-                     "entropy term)", choices=["token", "sequence", "rent", "rkl"])
+    reward: str = _f("token", "what the run maximises (objectives.py; add yours there): " + "; ".join(
+        f"{name} = {fn.__doc__.splitlines()[0].rstrip('.')}" for name, fn in REWARDS.items()), choices=REWARDS)
     mask_whitespace: bool = _f(True, "mask whitespace-only generator tokens (Appendix B)")
     eos_reward: bool = _f(False, "reward the EOS position with the verifier's log-prob of its own end-of-turn "
                           "token (the paper gives EOS none: it has no text); truncated responses get none. It is "
@@ -147,11 +147,13 @@ def _allowed(value: float, rule: str) -> bool:
 
 
 def check_config(cfg: Config) -> None:
-    """Reject bad settings before any work, with one line naming the flag: every number against the
-    range its field declares (NaN and infinity included: --grad-clip nan would write NaN weights,
+    """Reject bad settings before any work, with one line naming the flag: a value outside its field's
+    choices (a Config built in code skips argparse), every number against the range its field declares (NaN and infinity included: --grad-clip nan would write NaN weights,
     --grad-clip -1 trains backwards), and the device."""
     for f in fields(Config):
         rule, value, flag = f.metadata.get("check"), getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"{flag} {value!r}: choose from {', '.join(f.metadata['choices'])}")
         if rule is None:
             continue
         if not math.isfinite(value):

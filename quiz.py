@@ -609,7 +609,8 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
     train_qs, held = split(every, seed=seed)
     cfg = replace(Config(), gen=gen, verifier=verifier, seed=seed, group_size=group_size,
                   prompts_per_step=prompts_per_step, micro_batch=group_size, gen_batch=group_size * prompts_per_step,
-                  max_new_tokens=max_new_tokens, lr=lr, warmup_steps=2, max_steps=steps, save_every=steps,
+                  max_new_tokens=max_new_tokens, lr=lr, warmup_steps=2, max_steps=steps,
+                  save_every=min(steps, 10), keep_checkpoints=1,  # an interrupted run loses at most 10 steps
                   sample_every=0, device=device, verifier_dtype="fp32", rollout_dtype="fp32")
 
     premise_file = out / "premise.json"

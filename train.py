@@ -53,9 +53,10 @@ from align import vocab_bytes
 from config import RESUME_MAY_CHANGE, Config, check_config, parse_config
 from distributed import (Ranks, StopRequest, all_gather, all_gather_tensors, all_sum, barrier, init_ranks, leave,
                          rank_device, sync_gradients)
-from grpo import floor_unscored, grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
+from grpo import grpo_loss, per_position_advantages, sequence_advantages, token_logprobs
 from lora import add_adapters, load_adapters, reference
 from metrics import CollapseWatch, log_samples, metrics_line, plot_curves, read_metrics, step_metrics, step_record
+from objectives import REWARDS, Batch
 from prompts import read_prompts
 from reward import Verifier, load_causal_lm
 from runs import (check_resume, intact_checkpoint, prompts_sha, prune_checkpoints, read_state, rng_state,
@@ -158,44 +159,32 @@ def policy_logprobs(model, rollout: Rollout, rows, cfg: Config, device, with_ent
 
 
 def score(rollout: Rollout, cfg: Config, verifier, gen_tokenizer, model, device):
-    """Rewards and advantages for a rollout (Eq. 1 / Eq. 3 / RENT / rkl).
+    """Rewards and advantages for a rollout: `--reward`'s function (objectives.py), then advantages per
+    position (per-token rewards, Eq. 1) or per group (per-response rewards, Eq. 3), after
+    grpo.floor_unscored.
 
     Returns (advantages (B, T) or (B,) float32, per-response reward (B,) float64, cme (B,) float64 or
     None, the verifier's aligned token log-probs (B, T) (Eq. 1's rewards; for samples.jsonl) or None).
     """
-    B = rollout.response.shape[0]
-    ended = (~rollout.truncated).tolist() if cfg.eos_reward else None
-    if cfg.reward in ("token", "rkl"):
-        ids = [rollout.response[b, :int(rollout.mask[b].sum())].numpy() for b in range(B)]
-        narrow, narrow_valid = verifier.token_rewards(rollout.prompts, gen_tokenizer, ids, ended=ended)  # Eq. 1
-        T = rollout.response.shape[1]  # token_rewards is as wide as the longest response; pad to T
-        rewards, valid = torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
-        rewards[:, :narrow.shape[1]], valid[:, :narrow.shape[1]] = narrow, narrow_valid
-        scored = floor_unscored(rewards, valid, rollout.mask, cfg.group_size, verifier.uniform_logprob)
-        surprise = scored[0]                                                       # for samples.jsonl
-        cme = (-scored[0].double().sum(1) / scored[1].sum(1).clamp(min=1)).numpy()  # the verifier's, per response
-        if cfg.reward == "rkl":  # r_{i,t} = log p_verifier(aligned) - log pi_old(y_t): reverse KL, no entropy term
-            own = torch.zeros(B, T)
-            with torch.no_grad():
-                for rows in micro_batches(rollout, cfg.micro_batch):
-                    own[rows] = policy_logprobs(model, rollout, rows, cfg, device).float().cpu()
-            scored = floor_unscored(torch.where(valid, rewards - own, 0.0), valid, rollout.mask, cfg.group_size,
-                                    verifier.uniform_logprob)
-        rewards, valid = scored
-        adv = per_position_advantages(rewards, valid, cfg.group_size, cfg.adv_eps)
-        per_response = (rewards.double().sum(1) / valid.sum(1).clamp(min=1)).numpy()
-        return adv, per_response, cme, surprise
-    if cfg.reward == "sequence":
-        cme = verifier.sequence_cme(rollout.prompts, rollout.texts, ended=ended)       # Eq. 3
-        r, _ = floor_unscored(torch.from_numpy(-cme), None, None, cfg.group_size, verifier.uniform_logprob)
-        return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), -r.numpy(), None
-    r = torch.zeros(B, dtype=torch.float64)
-    with torch.no_grad():
-        for rows in micro_batches(rollout, cfg.micro_batch):
-            _, ent = policy_logprobs(model, rollout, rows, cfg, device, with_entropy=True)
-            m = rollout.mask[rows].to(device)
-            r[rows] = -(ent.sum(1) / m.sum(1).clamp(min=1)).double().cpu()               # RENT
-    return sequence_advantages(r, cfg.group_size, cfg.adv_eps), r.numpy(), None, None
+    B, T = rollout.response.shape
+
+    def policy(with_entropy: bool = False):  # log pi_old (and entropy) of the rollout, (B, T) on the CPU
+        out = torch.zeros(2, B, T)
+        with torch.no_grad():
+            for rows in micro_batches(rollout, cfg.micro_batch):
+                got = policy_logprobs(model, rollout, rows, cfg, device, with_entropy=with_entropy)
+                for k, x in enumerate(got if with_entropy else (got,)):
+                    out[k, rows] = x.float().cpu()
+        return (out[0], out[1]) if with_entropy else out[0]
+
+    batch = Batch(rollout, cfg, verifier, gen_tokenizer, policy)
+    got = REWARDS[cfg.reward](batch)
+    rewards, valid = batch.floor(got.rewards, got.valid)
+    if got.valid is None:                                                           # per response
+        return sequence_advantages(rewards, cfg.group_size, cfg.adv_eps), rewards.numpy(), got.cme, got.surprise
+    adv = per_position_advantages(rewards, valid, cfg.group_size, cfg.adv_eps)     # per token
+    per_response = (rewards.double().sum(1) / valid.sum(1).clamp(min=1)).numpy()
+    return adv, per_response, got.cme, got.surprise
 
 
 # --- the update --------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@
     # Eq. 1: the token-level reward, normalised per position over each prompt's G completions
     CMEGRPOTrainer("Qwen/Qwen2.5-0.5B-Instruct", verifier, args=args, processing_class=tok,
                    train_dataset=data).train()
+    # rkl: Eq. 1 less the policy's own log-prob (reverse KL to the verifier, objectives.rkl)
+    CMEGRPOTrainer("Qwen/Qwen2.5-0.5B-Instruct", verifier, args=args, processing_class=tok,
+                   train_dataset=data, reward="rkl").train()
 
 What the verifier reads is what train.py's verifier reads (reward.py): the prompt in the verifier's own
 chat template (a conversational prompt as the whole conversation, a plain-text prompt as the user turn),
@@ -26,8 +29,11 @@ then the completion's exact text, decoded from the sampled ids byte for byte (al
    0.02-nat floor), so its advantages are not bit for bit this project's.
 2. `CMEGRPOTrainer` is a GRPOTrainer whose advantages are (B, T): r_{i,t} aligned onto the policy's
    sampled ids (`reward.Verifier.token_rewards`), A_{i,t} = `grpo.per_position_advantages` over each
-   prompt's G completions. TRL's loss takes (B, T) advantages as they are; its "grpo" loss type is
-   Eq. 2 (`LOSS_TYPES` maps the three that aggregate as grpo.py does; others are refused).
+   prompt's G completions. With reward="rkl", r_{i,t} less log pi_old(y_{i,t}) at the sampling
+   temperature (TRL's old_per_token_logps, or the same forward pass where TRL skips it), as
+   `train.py --reward rkl`; the logged reward stays the verifier's. TRL's loss takes (B, T)
+   advantages as they are; its "grpo" loss type is Eq. 2 (`LOSS_TYPES` maps the three that aggregate
+   as grpo.py does; others are refused).
 3. Groups across processes. TRL deals a generation batch out in contiguous slices, so with several
    processes one prompt's G completions can sit on different processes. Each process gathers every
    process's prompts and ids, scores only its own rows with the others as context (so a shared opening
@@ -169,8 +175,12 @@ class CMEGRPOTrainer(GRPOTrainer):
     LOSS_TYPES; before the first step: a tokenizer that cannot be aligned.
     """
 
-    def __init__(self, model, verifier: Verifier, args=None, **kwargs):
+    def __init__(self, model, verifier: Verifier, args=None, reward: str = "token", **kwargs):
         check_trl()
+        if reward not in ("token", "rkl"):
+            raise ValueError(f"reward={reward!r}: CMEGRPOTrainer's rewards are per token, \"token\" (Eq. 1) or "
+                             "\"rkl\" (Eq. 1 less the policy's log-prob); for Eq. 3 use SequenceCME")
+        self.reward = reward
         if "reward_funcs" in kwargs:
             raise TypeError("CMEGRPOTrainer's reward is the verifier's token-level CME; pass verifier=, "
                             "not reward_funcs")
@@ -184,15 +194,30 @@ class CMEGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        out["advantages"] = self.token_advantages(out["completion_ids"].shape[1])
+        own = self.policy_logprobs(out) if self.reward == "rkl" else None
+        out["advantages"] = self.token_advantages(out["completion_ids"].shape[1], own)
         return out
 
-    def token_advantages(self, length: int) -> torch.Tensor:
+    def policy_logprobs(self, out: dict) -> torch.Tensor:
+        """log pi_old(y_t) of this process's completions, (B, T) float32, at the sampling temperature:
+        TRL's own old_per_token_logps where it computed them, else the same forward pass."""
+        if out.get("old_per_token_logps") is not None:
+            return out["old_per_token_logps"]
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        with torch.no_grad():
+            return self._get_per_token_logps_and_entropies(self.model, ids, attention, out["completion_ids"].shape[1],
+                                                           batch_size=self.args.per_device_train_batch_size)[0]
+
+    def token_advantages(self, length: int, own: torch.Tensor | None = None) -> torch.Tensor:
         """(B, length) float32 A_{i,t} of this process's completions: the token rewards of the last
-        scoring gathered from every process, normalised per position over each group of G."""
+        scoring (less `own`, the policy's log-probs (B, length), under reward="rkl") gathered from every
+        process, normalised per position over each group of G."""
         rewards, mask, present = self.token_cme.last
         self.token_cme.last = None
         B, T = rewards.shape
+        if own is not None:  # rkl: r_{i,t} = log p_verifier(aligned y_t) - log pi_old(y_t)
+            rewards = torch.where(mask, rewards - own[:, :T].float().cpu(), 0.0)
         device = self.accelerator.device
         local = torch.zeros(3, B, length, device=device)         # rewards, mask and tokens, one gather
         local[0, :, :T], local[1, :, :T], local[2, :, :T] = rewards, mask.float(), present.float()

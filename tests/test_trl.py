@@ -128,6 +128,44 @@ def test_token_advantages_and_loss_equal_this_projects(built, gen_tok, tiny_veri
     assert any(g.abs().sum() > 0 for g in trl_grads)
 
 
+def test_rkl_advantages_are_the_aligned_verifier_logprob_less_the_policys(built, gen_tok, tiny_verifier, tmp_path):
+    """reward="rkl" at temperature 0.7: TRL's advantages are grpo.per_position_advantages of the
+    verifier's aligned token rewards less log pi_old(y_t), the oracle's: a plain HF forward, one
+    completion at a time, log_softmax(logits / 0.7)."""
+    from grpo import floor_unscored
+
+    trainer = trl_cme.CMEGRPOTrainer(str(built["qwen2"]), tiny_verifier, reward="rkl",
+                                     args=grpo_config(tmp_path, temperature=0.7), processing_class=gen_tok,
+                                     train_dataset=dataset(CHAT))
+    batch = [{"prompt": p} for p in CHAT for _ in range(G)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(batch)
+    mask = out["completion_mask"]
+    ids = as_lists(out["completion_ids"], mask)
+    rewards, valid = tiny_verifier.token_rewards([b["prompt"] for b in batch], gen_tok, ids)
+    own = torch.zeros_like(rewards)
+    for b, row in enumerate(ids):  # the oracle
+        prompt = out["prompt_ids"][b][out["prompt_mask"][b].bool()].tolist()
+        x = torch.tensor([prompt + row])
+        with torch.no_grad():
+            logits = trainer.model(x).logits[0].double() / 0.7
+        n = min(len(row), own.shape[1])
+        own[b, :n] = torch.log_softmax(logits, -1)[len(prompt) - 1:len(prompt) - 1 + n].gather(1, x[0, len(prompt):len(prompt) + n, None])[:, 0].float()
+    present = torch.zeros_like(valid)
+    for b, row in enumerate(ids):
+        present[b, :len(row)] = True
+    r, v = floor_unscored(torch.where(valid, rewards - own, 0.0), valid, present, G, tiny_verifier.uniform_logprob)
+    expected = per_position_advantages(r, v, G)
+    T = expected.shape[1]
+    torch.testing.assert_close(out["advantages"][:, :T], expected, rtol=0, atol=2e-4)
+    assert (expected != 0).sum() > 10
+    token = per_position_advantages(*floor_unscored(rewards, valid, present, G, tiny_verifier.uniform_logprob), G)
+    assert not torch.allclose(token, expected, atol=1e-2)  # the policy's term changes them
+    with pytest.raises(ValueError, match="reward='sequence'"):
+        trl_cme.CMEGRPOTrainer(str(built["qwen2"]), tiny_verifier, reward="sequence", args=grpo_config(tmp_path),
+                               processing_class=gen_tok, train_dataset=dataset(CHAT))
+
+
 def test_a_group_split_over_two_processes(built, tmp_path):
     """torchrun, 2 processes, 2 completions each: one prompt's group of 4 lies on both. The advantages
     each process trains on equal those of one process scoring the whole group."""
