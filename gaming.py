@@ -2,6 +2,7 @@
 
     python gaming.py --gen Qwen/Qwen2.5-0.5B --verifier google/gemma-3-1b-it --prompts prompts.jsonl
     python gaming.py --fast                # tiny local models, a few prompts: the plumbing (what CI runs)
+    python gaming.py report FILE           # the table again from an --out file's raw rewards
 
 A user with open-ended prompts has no quiz (quiz.py) to tell whether CME-GRPO will make the model
 better. What can be checked before spending a GPU: whether the reward already prefers a degenerate
@@ -24,6 +25,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +33,9 @@ import numpy as np
 import torch
 
 from config import Config
+from metrics import machine
 from prompts import load_eval_prompts, read_prompt_file
+from records import write_block
 from reward import Verifier, load_causal_lm
 from sampling import Rollout, chat_prefix, load_generator
 from tiny import build_bytebpe, build_model, build_sentencepiece
@@ -90,8 +94,11 @@ def rollout_of(prompts: list[str], responses: list[list[str]], tokenizer, eos: i
 
 def check(gen: str, verifier: str, prompts: list[str], samples: int = 4, max_new_tokens: int = 128,
           seed: int = 0, device: str = "cpu") -> dict:
-    """The table's numbers: {reward: {kind: share}} and the samples' and degenerate responses' mean
-    rewards, for `prompts` (strings). See the module docstring."""
+    """The check on `prompts` (strings; module docstring). Returns {"prompts", "samples", "shares": {reward:
+    {kind: share}}, "mean": {reward: mean rewards}, "settings" (models, limit, seed, machine, seconds),
+    "asked": the prompts, "responses": per prompt its samples then its degenerate responses,
+    "rewards": {reward: per prompt, each response's reward}}: the raw rewards behind every share."""
+    start = time.perf_counter()
     dev = torch.device(device)
     model, tok, _, eos_ids = load_generator(gen, dev)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -109,10 +116,23 @@ def check(gen: str, verifier: str, prompts: list[str], samples: int = 4, max_new
     cuts = [c + [k == "loop" for k in KINDS] for c in own_cut]
     rollout = rollout_of(prompts, groups, tok, eos_ids[0], cfg.system_prompt, cuts)
     n = samples + len(KINDS)
-    out = {"prompts": len(prompts), "samples": samples, "shares": {}, "mean": {}, "examples": made[:2]}
+    rewards = {}
     for reward, _ in REWARDS:
         _, per_response, _, _ = score(rollout, replace(cfg, reward=reward, group_size=n), v, tok, model, dev)
-        r = per_response.reshape(len(prompts), n)
+        rewards[reward] = per_response.reshape(len(prompts), n).tolist()
+    settings = {"gen": gen, "verifier": verifier, "max_new_tokens": max_new_tokens, "seed": seed,
+                "machine": machine(device), "seconds": round(time.perf_counter() - start, 1)}
+    return {"prompts": len(prompts), "samples": samples, **summarise(rewards, samples), "settings": settings,
+            "asked": prompts, "responses": groups, "rewards": rewards}
+
+
+def summarise(rewards: dict[str, list], samples: int) -> dict:
+    """The table's numbers from the raw rewards: {"shares": {reward: {kind: share}}, "mean": {reward:
+    {"samples" or kind: mean reward}}}. rewards: {reward: (P, samples + len(KINDS)) nested lists, each
+    prompt's samples then its degenerate responses in KINDS order}."""
+    out = {"shares": {}, "mean": {}}
+    for reward, rows in rewards.items():
+        r = np.asarray(rows, dtype=np.float64)
         out["shares"][reward] = {k: preference(r[:, samples + j], r[:, :samples]) for j, k in enumerate(KINDS)}
         out["mean"][reward] = {"samples": float(r[:, :samples].mean()),
                                **{k: float(r[:, samples + j].mean()) for j, k in enumerate(KINDS)}}
@@ -120,8 +140,14 @@ def check(gen: str, verifier: str, prompts: list[str], samples: int = 4, max_new
 
 
 def table(result: dict) -> str:
-    """The check as a markdown table and a one-line verdict."""
-    lines = [f"How often each reward prefers a degenerate response to the generator's own ({result['prompts']} "
+    """The check as a markdown table and a one-line verdict (after a line naming the models and the
+    machine, where `result` has its settings)."""
+    lines, st = [], result.get("settings")
+    if st:
+        gen, ver = (Path(st[k]).name if Path(st[k]).is_absolute() else st[k] for k in ("gen", "verifier"))  # local folders
+        lines = [f"{gen} sampling, {ver} as the verifier, up to {st['max_new_tokens']} new tokens; "
+                 f"{st['seconds'] / 60:.0f} minutes on {st['machine']}.", ""]
+    lines += [f"How often each reward prefers a degenerate response to the generator's own ({result['prompts']} "
              f"prompts x {result['samples']} samples; above 50%, GRPO pushes toward it):", "",
              "| reward | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
     for reward, label in REWARDS:
@@ -152,7 +178,34 @@ def build_fast(world: Path) -> tuple[str, str, list[str]]:
     return str(world / "generator"), str(world / "verifier"), prompts
 
 
+def report_main(argv: list[str]) -> int:
+    """`python gaming.py report FILE [FILE ...] [--docs PAGE]`: the tables again from --out files, each
+    share recomputed from the raw rewards; printed, or written between `<!-- gaming report: FILE -->`
+    and `<!-- /gaming report -->` in PAGE."""
+    ap = argparse.ArgumentParser(prog="gaming.py report", description="The check's tables from its --out files.")
+    ap.add_argument("files", nargs="+", help="JSON files written by gaming.py --out")
+    ap.add_argument("--docs", help="write each table into this page between its markers instead of printing it")
+    args = ap.parse_args(argv)
+    try:
+        for f in args.files:
+            result = json.loads(Path(f).read_text())
+            if "rewards" not in result:
+                raise ValueError(f"{f}: no raw rewards (not a gaming.py --out file)")
+            text = table({**result, **summarise(result["rewards"], result["samples"])}) + "\n"
+            if args.docs:
+                write_block(args.docs, "gaming report", f, text)
+            else:
+                print(text)
+    except (ValueError, OSError) as e:  # a missing or malformed file, a page without the marker
+        print(f"gaming.py report: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     ap = argparse.ArgumentParser(description="Before a run: how often the reward prefers a degenerate response "
                                              "(the prompt restated, a non-answer, a loop, a near-empty reply) to "
                                              "the generator's own samples.")

@@ -241,6 +241,17 @@ def log_samples(path: Path, step: int, rollout, token_rewards, gen_tokenizer, k:
     return out
 
 
+def machine(device: str = "cpu") -> str:
+    """What a measurement ran on, for its report: the GPU's name for a cuda `device`, else the CPU's model
+    name and torch's thread count."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    n = torch.get_num_threads()
+    return f"{cpu}, {n} thread{'s' if n != 1 else ''}"
+
+
 def plot_curves(metrics_path: Path, png: Path) -> None:
     """Training curves from metrics.jsonl to a PNG (matplotlib, headless)."""
     import matplotlib

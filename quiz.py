@@ -56,9 +56,9 @@ import numpy as np
 import torch
 
 from config import Config
-from metrics import mean_distinct, read_metrics
+from metrics import machine, mean_distinct, read_metrics
 from questions import FAMILIES, Question, is_right, questions, split
-from records import read_jsonl
+from records import read_jsonl, write_block
 from reward import Verifier, load_causal_lm
 from sampling import greedy_generate, load_generator, sample
 from tiny import build_bytebpe, build_model, build_sentencepiece
@@ -338,7 +338,7 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
 
     settings = {"gen": gen, "verifier": verifier, "steps": steps, "lr": lr, "group_size": group_size,
                 "prompts_per_step": prompts_per_step, "max_new_tokens": max_new_tokens, "seed": seed,
-                "seeds": list(seeds), "keep_all": keep_all, "machine": machine()}
+                "seeds": list(seeds), "keep_all": keep_all, "machine": machine(device)}
     keep_file(out / "settings.json", json.dumps(settings, indent=1))
     premise_file = out / "premise.json"
     if premise_file.exists():
@@ -401,15 +401,6 @@ def plan(seeds: tuple) -> list[tuple[str, int, str, str, str]]:
             in RUNS for s in (seeds if scorer == "verifier" else seeds[:1])]
 
 
-def machine() -> str:
-    """The CPU's model name and torch's thread count (or the GPU's name), for the report."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def sample_table(answers: dict[str, list[dict]], kept: list[str], k: int = 3) -> str:
     """The greedy answers of every run to the first held-out question of the first k kept families."""
     out = []
@@ -451,7 +442,8 @@ def report(folder: Path) -> dict:
             results[name]["seconds_per_step"] = float(np.mean([m["step_time"] for m in metrics]))
             minutes[name] = sum(m["step_time"] for m in metrics) / 60
     st = settings
-    text = (f"{st['gen']} trained with {st['verifier']} as the verifier; measured on {st['machine']}.\n\n"
+    named = {k: Path(st[k]).name if Path(st[k]).is_absolute() else st[k] for k in ("gen", "verifier")}  # local folders
+    text = (f"{named['gen']} trained with {named['verifier']} as the verifier; measured on {st['machine']}.\n\n"
             f"Premise, on the training questions (G = {st['group_size']}, {st['max_new_tokens']} new tokens):\n\n"
             f"{premise_table(rows, kept)}\n\nHeld-out greedy accuracy on {len(answers['before'])} questions "
             f"({', '.join(kept)}), {st['steps']} steps of {st['prompts_per_step']} questions x G = "
@@ -461,20 +453,6 @@ def report(folder: Path) -> dict:
             ", ".join(f"{k} {minutes[k]:.0f} ({v['seconds_per_step']:.1f})" for k, v in results.items() if k in minutes) +
             f"\n\nSample answers:\n\n{sample_table(answers, kept)}\n")
     return {"settings": settings, "premise": rows, "kept": kept, "results": results, "curves": curves, "text": text}
-
-
-def write_docs(path: Path, folders: list[str]) -> None:
-    """Replace, in the page at `path`, the text between each `<!-- quiz report: FOLDER -->` and the next
-    `<!-- /quiz report -->` by `report(FOLDER)`'s text (FOLDER relative to the repository root)."""
-    page = Path(path).read_text()
-    for folder in folders:
-        start = f"<!-- quiz report: {folder} -->\n"
-        if start not in page:
-            raise ValueError(f"{path} has no '{start.strip()}' marker")
-        a = page.index(start) + len(start)
-        b = page.index("<!-- /quiz report -->", a)
-        page = page[:a] + report(Path(folder))["text"] + page[b:]
-    Path(path).write_text(page)
 
 
 def build_fast(world: Path) -> tuple[str, str]:
@@ -502,7 +480,8 @@ def report_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         if args.docs:
-            write_docs(Path(args.docs), args.folders)
+            for folder in args.folders:  # FOLDER as the page names it: relative to where the command runs
+                write_block(args.docs, "quiz report", folder, report(Path(folder))["text"])
         else:
             print("\n\n".join(f"## {f}\n\n{report(Path(f))['text']}" for f in args.folders))
     except (ValueError, OSError) as e:

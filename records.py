@@ -123,3 +123,18 @@ def read_outputs(path: str | Path) -> dict[int, dict]:
     if not out:
         raise ValueError(f"{path}: no outputs")
     return out
+
+
+# --- generated blocks of the docs ------------------------------------------------------------------------
+
+def write_block(page: str | Path, label: str, name: str, text: str) -> None:
+    """Put `text` between the lines `<!-- {label}: {name} -->` and the next `<!-- /{label} -->` of the
+    page at `page` (a docs table rebuilt from the files it is a function of). One line if there is no
+    such marker."""
+    path = Path(page)
+    doc = path.read_text()
+    start, end = f"<!-- {label}: {name} -->\n", f"<!-- /{label} -->"
+    if start not in doc or end not in doc[doc.index(start):]:
+        raise ValueError(f"{path} has no '{start.strip()}' ... '{end}' block")
+    a = doc.index(start) + len(start)
+    path.write_text(doc[:a] + text + doc[doc.index(end, a):])

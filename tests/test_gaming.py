@@ -58,6 +58,26 @@ def test_fast_mode_prints_the_table_and_a_verdict(tmp_path, capsys):
         assert set(result["shares"][reward]) == set(gaming.KINDS)
         assert all(0 <= v <= 1 for v in result["shares"][reward].values())
         assert all(np.isfinite(v) for v in result["mean"][reward].values())
+        assert np.shape(result["rewards"][reward]) == (result["prompts"], 2 + len(gaming.KINDS))
+    assert [len(r) for r in result["responses"]] == [2 + len(gaming.KINDS)] * result["prompts"]
+
+    # the report recomputes every share from the raw rewards
+    assert gaming.main(["report", str(out)]) == 0 and capsys.readouterr().out == text + "\n"
+    first = result["rewards"]["token"][0]
+    beat = first[2] > max(first[:2])  # prompt 0's restated response under Eq. 1: made to lose if it won, else to win
+    first[2] = min(first[:2]) - 1.0 if beat else max(first[:2]) + 1.0
+    out.write_text(json.dumps(result))
+    assert gaming.main(["report", str(out)]) == 0
+    redone = gaming.summarise(result["rewards"], 2)["shares"]["token"]["restated"]
+    assert redone != result["shares"]["token"]["restated"]
+    assert f"| Eq. 1 | {redone:.0%} |" in capsys.readouterr().out
+    page = tmp_path / "page.md"
+    page.write_text(f"<!-- gaming report: {out} -->\n<!-- /gaming report -->\n")
+    assert gaming.main(["report", str(out), "--docs", str(page)]) == 0 and f"| Eq. 1 | {redone:.0%} |" in page.read_text()
+    assert gaming.main(["report", str(out), "--docs", str(tmp_path / "nowhere.md")]) == 2
+    page.write_text("no markers\n")
+    assert gaming.main(["report", str(out), "--docs", str(page)]) == 2
+    assert "has no '<!-- gaming report:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [(["--num-prompts", "0"], "--num-prompts 0 must be at least 1"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -206,3 +207,15 @@ def test_result_table_names_each_seed_of_a_run():
     text = quiz.result_table({"before": r, "eq1": r, "eq1-seed1": r, "rkl-seed1": r}, {})
     assert "| CME-GRPO, Eq. 1 (token) |" in text and "| CME-GRPO, Eq. 1 (token), seed 1 |" in text
     assert "| rkl: Eq. 1 less the policy's log-prob (reverse KL), seed 1 |" in text
+
+
+def test_the_docs_tables_are_the_reports_of_the_committed_answer_files():
+    """docs/quiz.md shows `quiz.py report` of results/quiz/*, re-scored by today's checker: a change to
+    the checker or to the files that changes a number fails here until the page is rebuilt."""
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "quiz.md").read_text()
+    blocks = re.findall(r"<!-- quiz report: (\S+) -->\n(.*?)<!-- /quiz report -->", page, re.S)
+    assert len(blocks) == 2
+    for folder, shown in blocks:
+        assert shown == quiz.report(ROOT / folder)["text"], f"rebuild: python quiz.py report {folder} --docs docs/quiz.md"
