@@ -275,6 +275,9 @@ def _hedged(text: str, start: int, end: int) -> bool:
     return re.search(r"\bor\s+\S", text[end:end + 5]) is not None or re.search(r"\S\s+or\s+$", text[max(0, start - 6):start]) is not None
 
 
+_ECHO = r"\s+".join(map(re.escape, plain(INSTRUCTION).rstrip(".").split()))  # "answer in one short sentence"
+
+
 def is_right(q: Question, response: str) -> bool:
     """Whether a response commits to q's answer and to nothing else.
 
@@ -284,12 +287,13 @@ def is_right(q: Question, response: str) -> bool:
     answer is not also denied ("12, not 12" cannot happen; "13, not 12" is wrong), and the claim is not
     one of alternatives ("11 or 12"). Working before the claim is allowed ("5 + 7 = 12, so twelve";
     "Multiply 3 by 1000: 3000 grams"). Numbers in words count ("two hundred"), "1,000" and "10 000" are
-    one number, "-6" is negative, and "one" as a pronoun is not a number.
+    one number, "-6" is negative, and "one" as a pronoun is not a number. The instruction echoed back
+    ("Answer in one short sentence.") is taken out first: its "one" is no answer, nor its "short".
     Word families (capitals, antonyms, days): the family's answers the response names, less those the
     question names and those it denies ("not Paris", "Sydney, not Canberra"); right when the answer is
     the only one left, named as no alternative ("Paris or Rome")."""
     question = digits(plain(q.prompt.replace(INSTRUCTION, "")))
-    text = digits(plain(response))
+    text = digits(re.sub(_ECHO, " ", plain(response)))  # the instruction echoed back says nothing
     if not q.candidates:
         answer, asked = float(q.answer), {v for _, v, _ in _mentions(question)}
         claimed = re.sub(q.restated, lambda m: " " * len(m.group(0)), text) if q.restated else text

@@ -93,3 +93,19 @@ def test_a_limit_past_the_generators_context_is_refused(tmp_path):
     gen, ver, prompts = gaming.build_fast(tmp_path / "world")
     with pytest.raises(ValueError, match="--max-new-tokens 1000000000: the generator's context is"):
         gaming.check(gen, ver, prompts, 2, 10 ** 9)
+
+
+def test_the_docs_tables_are_the_reports_of_the_committed_files():
+    """docs/gaming.md shows `gaming.py report` of results/gaming/*.json, each share recomputed from the
+    raw rewards those files keep."""
+    import re
+
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "gaming.md").read_text()
+    blocks = re.findall(r"<!-- gaming report: (\S+) -->\n(.*?)<!-- /gaming report -->", page, re.S)
+    assert len(blocks) == 2
+    for name, shown in blocks:
+        result = json.loads((ROOT / name).read_text())
+        assert shown == gaming.table({**result, **gaming.summarise(result["rewards"], result["samples"])}) + "\n", \
+            f"rebuild: python gaming.py report {name} --docs docs/gaming.md"

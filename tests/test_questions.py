@@ -98,6 +98,13 @@ COMMITS = [  # (family, question's operands or key, response, right)
     ("add", "5 plus 7", "The answer is 12. That one was easy!", True),
     ("add", "5 plus 7", "The answer is 12, the one you wanted.", True),
     ("add", "5 plus 7", "One answer: 12.", True),
+    # the prompt echoed back is no answer: its instruction's "one" is not 1, nor its "short" an antonym
+    ("subtract", "10 minus 9", "What is 10 minus 9? Answer in one short sentence.", False),
+    ("subtract", "10 minus 9", "What is 10 minus 9? Answer in one short sentence. mendatang\nWhat is 10", False),
+    ("subtract", "10 minus 9", "answer in one short sentence: ten minus nine is one", True),
+    ("subtract", "10 minus 9", "What is 10 minus 9? Answer in one short sentence. It is one.", True),
+    ("antonym", "long", "What is the opposite of long? Answer in one short sentence.", False),
+    ("antonym", "long", 'What is the opposite of "long"? Answer in one short sentence. Short.', True),
     # working before the claim
     ("add", "5 plus 7", "Add 5 and 7 to get 12.", True),
     ("add", "5 plus 7", "5 + 7 = 12", True),
