@@ -402,13 +402,14 @@ def plan(seeds: tuple) -> list[tuple[str, int, str, str, str]]:
 
 
 def sample_table(answers: dict[str, list[dict]], kept: list[str], k: int = 3) -> str:
-    """The greedy answers of every run to the first held-out question of the first k kept families."""
+    """The greedy answers of every run to the first held-out question of the first k kept families (a
+    line break shown as " / ")."""
     out = []
     for f in kept[:k]:
         i = next(i for i, r in enumerate(answers["before"]) if r["family"] == f)
         out += [f"{answers['before'][i]['prompt']} (answer: {answers['before'][i]['answer']})", "",
                 "| generator | answer | right |", "|---|---|---|"]
-        out += [f"| {name} | {json.dumps(rows[i]['output'])[1:-1].replace('|', '&#124;')} | "
+        out += [f"| {name} | {rows[i]['output'].replace(chr(10), ' / ').replace('|', '&#124;')} | "
                 f"{'yes' if rows[i]['right'] else 'no'} |" for name, rows in answers.items()] + [""]
     return "\n".join(out).rstrip()
 
