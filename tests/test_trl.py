@@ -59,6 +59,16 @@ def as_lists(ids: torch.Tensor, mask: torch.Tensor) -> list:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
+def one_step(trainer, verifier, tokenizer):
+    """One generation batch of CHAT x G through the trainer (seed 0): (TRL's output, the completions'
+    ids, the verifier's aligned token rewards (B, T) and their valid mask, computed here directly)."""
+    batch = [{"prompt": p} for p in CHAT for _ in range(G)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(batch)
+    ids = as_lists(out["completion_ids"], out["completion_mask"])
+    return (out, ids, *verifier.token_rewards([b["prompt"] for b in batch], tokenizer, ids))
+
+
 class Recorded(trl_cme.SequenceCME):
     """SequenceCME that keeps what TRL gave it and what it returned."""
 
@@ -96,12 +106,8 @@ def test_token_advantages_and_loss_equal_this_projects(built, gen_tok, tiny_veri
     trainer = trl_cme.CMEGRPOTrainer(str(built["qwen2"]), tiny_verifier, args=grpo_config(tmp_path, loss_type=loss_type),
                                      processing_class=gen_tok, train_dataset=dataset(CHAT))
     trainer.model.train()
-    batch = [{"prompt": p} for p in CHAT for _ in range(G)]
-    torch.manual_seed(0)
-    out = trainer._generate_and_score_completions(batch)
+    out, ids, rewards, valid = one_step(trainer, tiny_verifier, gen_tok)
     mask = out["completion_mask"]
-    ids = as_lists(out["completion_ids"], mask)
-    rewards, valid = tiny_verifier.token_rewards([b["prompt"] for b in batch], gen_tok, ids)
     expected = per_position_advantages(rewards, valid, G)
     T = expected.shape[1]
     assert out["advantages"].shape == out["completion_ids"].shape
@@ -137,12 +143,7 @@ def test_rkl_advantages_are_the_aligned_verifier_logprob_less_the_policys(built,
     trainer = trl_cme.CMEGRPOTrainer(str(built["qwen2"]), tiny_verifier, reward="rkl",
                                      args=grpo_config(tmp_path, temperature=0.7), processing_class=gen_tok,
                                      train_dataset=dataset(CHAT))
-    batch = [{"prompt": p} for p in CHAT for _ in range(G)]
-    torch.manual_seed(0)
-    out = trainer._generate_and_score_completions(batch)
-    mask = out["completion_mask"]
-    ids = as_lists(out["completion_ids"], mask)
-    rewards, valid = tiny_verifier.token_rewards([b["prompt"] for b in batch], gen_tok, ids)
+    out, ids, rewards, valid = one_step(trainer, tiny_verifier, gen_tok)
     own = torch.zeros_like(rewards)
     for b, row in enumerate(ids):  # the oracle
         prompt = out["prompt_ids"][b][out["prompt_mask"][b].bool()].tolist()
