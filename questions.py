@@ -276,6 +276,7 @@ def _hedged(text: str, start: int, end: int) -> bool:
 
 
 _ECHO = r"\s+".join(map(re.escape, plain(INSTRUCTION).rstrip(".").split()))  # "answer in one short sentence"
+_ASKED = r"[^.!?\n]*\?"  # a sentence that asks ("What is the opposite of outside?") commits to nothing
 
 
 def is_right(q: Question, response: str) -> bool:
@@ -288,12 +289,13 @@ def is_right(q: Question, response: str) -> bool:
     one of alternatives ("11 or 12"). Working before the claim is allowed ("5 + 7 = 12, so twelve";
     "Multiply 3 by 1000: 3000 grams"). Numbers in words count ("two hundred"), "1,000" and "10 000" are
     one number, "-6" is negative, and "one" as a pronoun is not a number. The instruction echoed back
-    ("Answer in one short sentence.") is taken out first: its "one" is no answer, nor its "short".
+    ("Answer in one short sentence.") is taken out first: its "one" is no answer, nor its "short"; so is
+    every sentence that asks rather than says ("What is the opposite of "outside"?").
     Word families (capitals, antonyms, days): the family's answers the response names, less those the
     question names and those it denies ("not Paris", "Sydney, not Canberra"); right when the answer is
     the only one left, named as no alternative ("Paris or Rome")."""
     question = digits(plain(q.prompt.replace(INSTRUCTION, "")))
-    text = digits(re.sub(_ECHO, " ", plain(response)))  # the instruction echoed back says nothing
+    text = digits(re.sub(_ASKED, " ", re.sub(_ECHO, " ", plain(response))))  # echoes and questions claim nothing
     if not q.candidates:
         answer, asked = float(q.answer), {v for _, v, _ in _mentions(question)}
         claimed = re.sub(q.restated, lambda m: " " * len(m.group(0)), text) if q.restated else text

@@ -105,6 +105,12 @@ COMMITS = [  # (family, question's operands or key, response, right)
     ("subtract", "10 minus 9", "What is 10 minus 9? Answer in one short sentence. It is one.", True),
     ("antonym", "long", "What is the opposite of long? Answer in one short sentence.", False),
     ("antonym", "long", 'What is the opposite of "long"? Answer in one short sentence. Short.', True),
+    # a question asked back commits to nothing, whatever it names
+    ("antonym", "inside", 'What is the opposite of "outside"? Answer in one short sentence.', False),
+    ("capital", "France", "Is it Paris?", False),
+    ("capital", "France", "Is it Rome? No, it is Paris.", True),
+    ("add", "5 plus 7", "Is it 12?", False),
+    ("add", "5 plus 7", "What is 5 plus 7? It is 12.", True),
     # working before the claim
     ("add", "5 plus 7", "Add 5 and 7 to get 12.", True),
     ("add", "5 plus 7", "5 + 7 = 12", True),
