@@ -35,7 +35,7 @@ import torch
 from config import Config
 from metrics import machine
 from prompts import load_eval_prompts, read_prompt_file
-from records import write_block
+from records import read_json, write_block
 from reward import Verifier, load_causal_lm
 from sampling import Rollout, chat_prefix, load_generator
 from tiny import build_bytebpe, build_model, build_sentencepiece
@@ -188,7 +188,7 @@ def report_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         for f in args.files:
-            result = json.loads(Path(f).read_text())
+            result = read_json(f)
             if "rewards" not in result:
                 raise ValueError(f"{f}: no raw rewards (not a gaming.py --out file)")
             text = table({**result, **summarise(result["rewards"], result["samples"])}) + "\n"

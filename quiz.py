@@ -58,7 +58,7 @@ import torch
 from config import Config
 from metrics import machine, mean_distinct, read_metrics
 from questions import FAMILIES, Question, is_right, questions, split
-from records import read_jsonl, write_block
+from records import read_json, read_jsonl, write_block
 from reward import Verifier, load_causal_lm
 from sampling import greedy_generate, load_generator, sample
 from tiny import build_bytebpe, build_model, build_sentencepiece
@@ -424,8 +424,7 @@ def report(folder: Path) -> dict:
     for name in ("settings.json", "premise.json", "before.answers.jsonl"):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} has no {name}: not a quiz folder (python quiz.py --out DIR makes one)")
-    settings = json.loads((folder / "settings.json").read_text())
-    rows = json.loads((folder / "premise.json").read_text())
+    settings, rows = read_json(folder / "settings.json"), read_json(folder / "premise.json")
     kept = list(rows) if settings["keep_all"] else keep(rows)
     asked = {q.prompt: q for qs in questions(settings["seed"]).values() for q in qs}
 

@@ -78,16 +78,22 @@ def write_record(f, record: dict) -> None:
     f.flush()
 
 
-def read_json_list(path: Path) -> list:
-    """The list held by a .json file (AlpacaEval's format), with the file and line of a syntax error."""
+def read_json(path: str | Path):
+    """What a .json file holds, with the file and line of a syntax error in one line."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text (a binary file?)") from None
+
+
+def read_json_list(path: Path) -> list:
+    """The list held by a .json file (AlpacaEval's format), with the file and line of a syntax error."""
+    rows = read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects")
     return rows

@@ -78,6 +78,9 @@ def test_fast_mode_prints_the_table_and_a_verdict(tmp_path, capsys):
     page.write_text("no markers\n")
     assert gaming.main(["report", str(out), "--docs", str(page)]) == 2
     assert "has no '<!-- gaming report:" in capsys.readouterr().err
+    out.write_text("{cut off")
+    assert gaming.main(["report", str(out)]) == 2
+    assert capsys.readouterr().err == f"gaming.py report: {out}:1: not valid JSON (Expecting property name enclosed in double quotes)\n"
 
 
 @pytest.mark.parametrize("args, message", [(["--num-prompts", "0"], "--num-prompts 0 must be at least 1"),

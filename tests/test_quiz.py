@@ -171,6 +171,9 @@ def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage_and_the_report_is_
     assert quiz.main(["report", str(out / "eq1"), "--docs", str(page)]) == 2
     assert quiz.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no settings.json: not a quiz folder" in capsys.readouterr().err
+    (kept / "settings.json").write_text("{cut off")
+    assert quiz.main(["report", str(kept)]) == 2
+    assert f"{kept / 'settings.json'}:1: not valid JSON" in capsys.readouterr().err
 
 
 def test_a_run_longer_than_one_epoch_of_its_questions_reaches_its_last_step(tmp_path):
