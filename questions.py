@@ -183,6 +183,8 @@ _TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty se
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 1000000}
 _NOT_A_NUMBER = re.compile(r"\b(?:that|this|the|which|each|every|any|no|a|one|another)\s+one\b")  # "that one was easy"
 _MENTION = re.compile(r"[-\u2212]?\d+(?:\.\d+)?")
+_OPERATOR_BEFORE = re.compile(r"(?:\b(?:plus|minus|times|multiplied by|divided by)|(?<![a-z])x|[+*\u00d7\u00f7\u2212-])\s*$")
+_OPERATOR_AFTER = re.compile(r"\s*(?:(?:plus|minus|times|multiplied by|divided by|x)\b|[+*\u00d7\u00f7]|[-\u2212]\s*\d)")
 _NEGATION = re.compile(r"(?:\bnot|n't|\bnever|\bno|\binstead of|\brather than)\s+(?:\S+\s+){0,2}$")
 
 
@@ -270,6 +272,13 @@ def _negated(text: str, start: int) -> bool:
     return _NEGATION.search(clause) is not None
 
 
+def _operand(text: str, start: int, value: float, end: int) -> bool:
+    """Whether a mention is a term of an operation ("6" in "12 minus 6", "2 x 4", "12 -6"): working, not a
+    claim, so "12 minus 6 minus 6 minus 6" commits to no number."""
+    subtracted = text[start] in "-\u2212" and value >= 0  # "12 -6" (_mentions read it as subtraction)
+    return subtracted or bool(_OPERATOR_BEFORE.search(text[:start]) or _OPERATOR_AFTER.match(text[end:]))
+
+
 def _hedged(text: str, start: int, end: int) -> bool:
     """Whether a mention is one of alternatives ("11 or 12", "Paris or Lyon")."""
     return re.search(r"\bor\s+\S", text[end:end + 5]) is not None or re.search(r"\S\s+or\s+$", text[max(0, start - 6):start]) is not None
@@ -284,7 +293,8 @@ def is_right(q: Question, response: str) -> bool:
 
     Numeric families: the question restated is taken out ("12 minus 6", "2 meters", in digits or words),
     and so are the question's own numbers unless one is the answer. The response's claim is the last
-    number left that it does not deny ("not 13", "isn't 13"); it is right when that is the answer, the
+    number left that it does not deny ("not 13", "isn't 13") and that is no term of an operation (no
+    "6" in "12 minus 6 minus 6", nor in "12 - 6" or "2 x 6"); it is right when that is the answer, the
     answer is not also denied ("12, not 12" cannot happen; "13, not 12" is wrong), and the claim is not
     one of alternatives ("11 or 12"). Working before the claim is allowed ("5 + 7 = 12, so twelve";
     "Multiply 3 by 1000: 3000 grams"). Numbers in words count ("two hundred"), "1,000" and "10 000" are
@@ -300,7 +310,7 @@ def is_right(q: Question, response: str) -> bool:
         answer, asked = float(q.answer), {v for _, v, _ in _mentions(question)}
         claimed = re.sub(q.restated, lambda m: " " * len(m.group(0)), text) if q.restated else text
         found = [(s, v, e) for s, v, e in _mentions(claimed) if v not in asked or v == answer]
-        said = [(s, v, e) for s, v, e in found if not _negated(claimed, s)]
+        said = [(s, v, e) for s, v, e in found if not _negated(claimed, s) and not _operand(claimed, s, v, e)]
         if not said or said[-1][1] != answer:
             return False
         denied = any(v == answer and _negated(claimed, s) for s, v, _ in found)

@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen, ver = args.gen, args.verifier
         run_quiz(gen, ver, **kw)
+    except KeyboardInterrupt:  # train() has saved the step it was at
+        print("quiz.py: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:  # bad values, a model that cannot load, an --out that is a file
         print(f"quiz.py: {e}", file=sys.stderr)
         return 2

@@ -115,6 +115,16 @@ COMMITS = [  # (family, question's operands or key, response, right)
     ("add", "5 plus 7", "Add 5 and 7 to get 12.", True),
     ("add", "5 plus 7", "5 + 7 = 12", True),
     ("add", "5 plus 7", "5 + 7 = 12. So the answer is 13.", False),
+    # a term of an operation is working, not a claim: a loop that repeats the answer commits to nothing
+    ("subtract", "12 minus 6", "12 minus 6 minus 6 minus 6 minus 6 minus 6", False),
+    ("subtract", "12 minus 6", "12 - 6 - 6 - 6", False),
+    ("subtract", "12 minus 6", "12 minus 6 minus 6 = 0, so 12 minus 6 is 6.", True),
+    ("multiply", "9 times 8", "72 times 1", False),
+    ("multiply", "9 times 8", "9 x 8 = 72 x 1 = 72", True),
+    ("multiply", "9 times 8", "9\u00d78=72", True),
+    ("add", "5 plus 7", "5 plus 7 is 12 plus 0.", False),
+    ("add", "5 plus 7", "12 + 0", False),
+    ("units", "2 meters", "2 x 100 = 200 centimeters.", True),
     # words: denied, alternatives, the only one named
     ("capital", "France", "It is not Paris.", False),
     ("capital", "Australia", "Sydney, not Canberra.", False),

@@ -4,8 +4,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -106,9 +108,24 @@ def test_curve_slope_and_its_interval_equal_a_written_out_regression(acc):
     assert half == pytest.approx(1.96 * math.sqrt(s2 / sum((xi - x.mean()) ** 2 for xi in x)), abs=1e-9)
 
 
-def test_fast_mode_end_to_end_then_a_rerun_reuses_every_stage_and_the_report_is_its_files(tmp_path, capsys):
+def test_fast_mode_interrupted_then_resumed_then_a_rerun_reuses_every_stage_and_the_report_is_its_files(
+        tmp_path, capsys, monkeypatch):
     out = tmp_path / "quiz"
-    assert quiz.main(["--fast", "--out", str(out)]) == 0
+    train = quiz.train
+
+    def ctrl_c_at_the_first_step(cfg, on_step):  # a real SIGINT, handled by train() as a user's Ctrl-C is
+        def hook(step, rollout):
+            os.kill(os.getpid(), signal.SIGINT)
+            return on_step(step, rollout)
+        return train(cfg, on_step=hook)
+
+    monkeypatch.setattr(quiz, "train", ctrl_c_at_the_first_step)
+    assert quiz.main(["--fast", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "quiz.py: interrupted; rerun the same command to continue where it stopped"
+    assert [p.name for p in (out / "eq1").glob("checkpoint-*")] == ["checkpoint-1"]
+    monkeypatch.setattr(quiz, "train", train)
+    assert quiz.main(["--fast", "--out", str(out)]) == 0  # resumes eq1 after its step 1, then the rest
     report = json.loads((out / "report.json").read_text())
     assert set(report["premise"]) == set(quiz.FAMILIES) and report["kept"] == list(quiz.FAMILIES)
     assert set(report["results"]) == {"before", "eq1", "eq3", "rkl", "random", "self"}
