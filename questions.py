@@ -280,8 +280,10 @@ def _operand(text: str, start: int, value: float, end: int) -> bool:
 
 
 def _hedged(text: str, start: int, end: int) -> bool:
-    """Whether a mention is one of alternatives ("11 or 12", "Paris or Lyon")."""
-    return re.search(r"\bor\s+\S", text[end:end + 5]) is not None or re.search(r"\S\s+or\s+$", text[max(0, start - 6):start]) is not None
+    """Whether a mention is one of alternatives ("11 or 12", "Paris or Lyon", '"soft" or "soft"'), quoted or not."""
+    after = re.match(r"[\"'\u201c\u201d*_)\]]*[.,]?\s+or\s+\S", text[end:end + 12])  # quoted: '"soft" or "hard"'
+    before = re.search(r"\S\s+or\s+[\"'\u201c\u201d*_(\[]*$", text[max(0, start - 12):start])
+    return after is not None or before is not None
 
 
 _ECHO = r"\s+".join(map(re.escape, plain(INSTRUCTION).rstrip(".").split()))  # "answer in one short sentence"

@@ -83,6 +83,13 @@ COMMITS = [  # (family, question's operands or key, response, right)
     ("add", "5 plus 7", "It is 11 or 12.", False),
     ("add", "5 plus 7", "Either 12 or 13.", False),
     ("add", "5 plus 7", "It is 12. Or maybe 13.", False),
+    ("add", "5 plus 7", 'It is "11" or "12".', False),
+    ("add", "5 plus 7", 'It is "12" or "13".', False),
+    ("add", "5 plus 7", "It is **12** or **13**.", False),
+    ("antonym", "hard", 'The opposite of "hard" is "soft" or "soft" (in the opposite', False),
+    ("antonym", "visible", 'The opposite of "visible" is "invisible" or "non-visible".', False),
+    ("antonym", "hard", 'The opposite of "hard" is "soft," which is easy.', True),
+    ("capital", "France", "The capital of France is Paris.\nThe answer is:\nThe capital of France is Paris.", True),
     # numbers in words and digit groups
     ("units", "2 meters", "There are two hundred centimeters in 2 meters.", True),
     ("units", "2 meters", "There are 200 centimeters in two meters.", True),
