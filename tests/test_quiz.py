@@ -126,6 +126,7 @@ def test_fast_mode_interrupted_then_resumed_then_a_rerun_reuses_every_stage_and_
     assert [p.name for p in (out / "eq1").glob("checkpoint-*")] == ["checkpoint-1"]
     monkeypatch.setattr(quiz, "train", train)
     assert quiz.main(["--fast", "--out", str(out)]) == 0  # resumes eq1 after its step 1, then the rest
+    assert f"resumed from {out / 'eq1' / 'checkpoint-1'} after step 1" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert set(report["premise"]) == set(quiz.FAMILIES) and report["kept"] == list(quiz.FAMILIES)
     assert set(report["results"]) == {"before", "eq1", "eq3", "rkl", "random", "self"}
