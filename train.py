@@ -304,6 +304,18 @@ def lr_schedule(cfg: Config, total_steps: int):
     return factor
 
 
+def checkpoint_activations(model, lora: bool = False) -> None:
+    """--gradient-checkpointing: recompute each block's activations in the backward pass instead of keeping
+    them (less memory, about one more forward of compute). The same gradients, up to float rounding.
+    model: the policy (a transformers model, or peft's wrapper of one); lora: its base weights are frozen."""
+    # transformers renamed the switch (gradient_ -> activation_checkpointing_enable) and removes the old name in v6
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.config.use_cache = False
+    if lora:
+        model.enable_input_require_grads()  # frozen embeddings: reentrant checkpointing (older transformers) needs a grad
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 def resume_point(out: Path, ranks: Ranks) -> tuple[Path, dict]:
@@ -382,10 +394,7 @@ def train(cfg: Config, on_step=None) -> list[dict]:
     tracker = open_tracker(cfg.report_to, out, {**asdict(cfg), **seen}) if ranks.main else Tracker()
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-        if cfg.lora_rank:
-            model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad
+        checkpoint_activations(model, lora=bool(cfg.lora_rank))
     ref_model = None
     if cfg.beta > 0 and cfg.lora_rank:  # the reference is the policy with its adapters disabled (lora.reference)
         ref_model = model

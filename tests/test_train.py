@@ -835,3 +835,43 @@ def test_rkl_is_the_aligned_verifier_logprob_less_the_policys_on_a_cross_tokeniz
         want.append(float(r[valid].mean()) if valid.any() else math.nan)
     got = per_response[~np.isnan(want)]
     np.testing.assert_allclose(got, np.array(want)[~np.isnan(want)], atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_update(built, lora):
+    """--gradient-checkpointing recomputes activations in the backward pass: the weights after an update are
+    those without it (fp32, up to rounding), and the switch is the one transformers keeps (no FutureWarning)."""
+    import warnings
+    if lora:
+        pytest.importorskip("peft")
+    cfg = T.Config(group_size=4, max_new_tokens=8, micro_batch=2, lr=0.05)
+
+    def policy():
+        m = S.load_generator(str(built["qwen2"]), torch.device("cpu"))[0]
+        if lora:
+            torch.manual_seed(0)  # the adapters' A
+            m = T.add_adapters(m, rank=4, alpha=8, dropout=0.0, targets="q_proj,v_proj")
+        return m
+
+    def trained(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+
+    torch.manual_seed(3)
+    model, tok, _, eos = S.load_generator(str(built["qwen2"]), torch.device("cpu"))
+    rollout = T.generate(model, tok, ["Hi", "Count"], cfg, eos, torch.device("cpu"))
+    adv = torch.randn(rollout.response.shape) * rollout.mask
+    start, weights = trained(policy()), {}
+    for checkpointed in (False, True):
+        m = policy()
+        if checkpointed:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                T.checkpoint_activations(m, lora=lora)
+            base = m.base_model.model if lora else m
+            assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        T.update(m, None, opt, sched, rollout, adv, cfg, torch.device("cpu"))
+        weights[checkpointed] = trained(m)
+    assert not torch.equal(weights[False], start)  # the update moved the weights it compares
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
