@@ -1,6 +1,6 @@
 """Does CME-GRPO make a real model better? Questions whose answers code can check.
 
-    python quiz.py                     # real small models: the premise, four runs, the table
+    python quiz.py                     # real small models: the premise, eight runs, the tables
     python quiz.py --gen M/smollm2-135m-instruct --verifier M/gemma-3-270m   # the same from local folders
     python quiz.py --fast --out DIR    # tiny local models, two steps each: the plumbing (what CI runs)
     python quiz.py report DIR          # the tables again from DIR's answer files (results/quiz/* too)
@@ -497,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
 
-    ap = argparse.ArgumentParser(description="CME-GRPO on questions with checkable answers: the premise, four runs "
-                                             "(Eq. 1, Eq. 3, random verifier, self as verifier), held-out accuracy.")
+    ap = argparse.ArgumentParser(description="CME-GRPO on questions with checkable answers: the premise, the runs "
+                                             "(Eq. 1, Eq. 3 and rkl for each seed, the random-weight and the "
+                                             "self-verifier controls), held-out accuracy.")
     ap.add_argument("--gen", default=REAL_GEN, help="generator: hub id or local folder (default %(default)s)")
     ap.add_argument("--verifier", default=REAL_VERIFIER, help="verifier: hub id or local folder (default %(default)s)")
     ap.add_argument("--out", default="runs/quiz", help="run folder; a rerun skips finished stages (default %(default)s)")
