@@ -231,7 +231,8 @@ def held_out_answers(model_path: str, qs: list[Question], max_new_tokens: int, p
             return [{**r, "right": is_right(q, r["output"])} for q, r in zip(qs, rows)]
     model, tok, _, eos = load_generator(model_path, device)
     rows = [None] * len(qs)
-    for batch in greedy_generate(model, tok, [q.prompt for q in qs], max_new_tokens, eos, batch_size=16):
+    for batch in greedy_generate(model, tok, [q.prompt for q in qs], max_new_tokens, eos, batch_size=16,
+                                 progress=True):  # minutes on a CPU: a bar
         for r in batch:
             q = qs[r["position"]]
             rows[r["position"]] = {"family": q.family, "prompt": q.prompt, "answer": q.answer, "output": r["output"],
