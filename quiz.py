@@ -280,6 +280,10 @@ def result_table(results: dict, curves: dict) -> str:
              "steps -> last 10 | slope per 10 steps (95%) | words | distinct-1 | distinct-2 | truncated |",
              "|" + "---|" * 10]
     labels = {"before": "before"} | {name: label for name, _, _, label in RUNS}
+
+    def share(x: float) -> str:  # distinct-n is nan when no answer has n words ("." x 32: one word)
+        return "-" if x != x else f"{x:.3f}"
+
     for name in results:
         base, _, seed = name.partition("-seed")
         label = labels[base] + (f", seed {seed}" if seed else "")
@@ -290,7 +294,7 @@ def result_table(results: dict, curves: dict) -> str:
         trend = f"{c[0]:.0%} -> {c[1]:.0%}" if c else "-"
         slope = f"{10 * c[2]:+.1%} ({10 * (c[2] - c[3]):+.1%}, {10 * (c[2] + c[3]):+.1%})" if c and c[2] == c[2] else "-"
         lines.append(f"| {label} | {r['right']}/{r['n']} = {r['accuracy']:.1%} | {r['low']:.1%}-{r['high']:.1%} | "
-                     f"{change} | {trend} | {slope} | {r['words']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
+                     f"{change} | {trend} | {slope} | {r['words']:.1f} | {share(r['distinct_1'])} | {share(r['distinct_2'])} | "
                      f"{r['truncated']:.0%} |")
     return "\n".join(lines)
 

@@ -230,6 +230,15 @@ def test_result_table_names_each_seed_of_a_run():
     assert "| rkl: Eq. 1 less the policy's log-prob (reverse KL), seed 1 |" in text
 
 
+def test_result_table_shows_distinct_n_of_one_word_answers_as_none():
+    """Answers of one word ("................................") have no bigrams: distinct-2 is "-", not nan."""
+    rows = [{"output": "." * 32, "right": False, "truncated": True}] * 4
+    r = quiz.summary(rows, rows)
+    assert r["words"] == 1.0 and r["distinct_1"] == 1.0 and math.isnan(r["distinct_2"])
+    line = quiz.result_table({"random": r}, {}).splitlines()[-1]
+    assert line.endswith("| 1.0 | 1.000 | - | 100% |") and "nan" not in line
+
+
 def test_the_docs_tables_are_the_reports_of_the_committed_answer_files():
     """docs/quiz.md shows `quiz.py report` of results/quiz/*, re-scored by today's checker: a change to
     the checker or to the files that changes a number fails here until the page is rebuilt."""
