@@ -59,6 +59,7 @@ from config import Config
 from metrics import machine, mean_distinct, read_metrics
 from questions import FAMILIES, Question, is_right, questions, split
 from records import read_json, read_jsonl, write_block
+from report import fmt_value  # "-" for NaN: distinct-n when no answer has n words
 from reward import Verifier, load_causal_lm
 from sampling import greedy_generate, load_generator, sample
 from tiny import build_bytebpe, build_model, build_sentencepiece
@@ -202,21 +203,22 @@ def keep(rows: dict) -> list[str]:
 
 
 def pct(x: float) -> str:
-    return "-" if x != x else f"{x:.0%}"  # NaN: no mixed group, nothing to agree on
+    return "-" if x != x else f"{x:.0%}"  # NaN: no mixed group, nothing to agree on; or not measured
 
 
 def premise_table(rows: dict, kept: list[str]) -> str:
     """The premise table (markdown): discrimination by each scorer, the generator's accuracy, mixed
     groups, agreement of the advantages with right answers (Eq. 1 and 3 with the verifier, Eq. 1 with
     the generator as its own verifier), and whether the family is kept."""
+    nan = float("nan")  # a column added after the folder's premise was measured
     lines = ["| family | questions | discr. verifier | discr. self | discr. random | dodge preferred, verifier | "
              "dodge preferred, self | greedy right | groups sampled | sampled right | mixed groups | agree Eq. 1 | "
              "agree Eq. 3 | agree rkl | agree Eq. 1, self | kept |", "|" + "---|" * 16]
     for f, r in rows.items():
         lines.append(f"| {f} | {r['n']} | {r['disc_verifier']:.0%} | {r['disc_self']:.0%} | {r['disc_random']:.0%} | "
-                     f"{r['dodge_verifier']:.0%} | {r['dodge_self']:.0%} | {r['greedy']:.0%} | {r['groups']} | {r['sampled']:.0%} | {r['mixed']:.0%} | "
+                     f"{pct(r.get('dodge_verifier', nan))} | {pct(r.get('dodge_self', nan))} | {r['greedy']:.0%} | {r['groups']} | {r['sampled']:.0%} | {r['mixed']:.0%} | "
                      f"{pct(r['agree_token_verifier'])} | {pct(r['agree_sequence_verifier'])} | "
-                     f"{pct(r.get('agree_rkl_verifier', float('nan')))} | "
+                     f"{pct(r.get('agree_rkl_verifier', nan))} | "
                      f"{pct(r['agree_token_self'])} | {'yes' if f in kept else 'no'} |")
     return "\n".join(lines)
 
@@ -280,10 +282,6 @@ def result_table(results: dict, curves: dict) -> str:
              "steps -> last 10 | slope per 10 steps (95%) | words | distinct-1 | distinct-2 | truncated |",
              "|" + "---|" * 10]
     labels = {"before": "before"} | {name: label for name, _, _, label in RUNS}
-
-    def share(x: float) -> str:  # distinct-n is nan when no answer has n words ("." x 32: one word)
-        return "-" if x != x else f"{x:.3f}"
-
     for name in results:
         base, _, seed = name.partition("-seed")
         label = labels[base] + (f", seed {seed}" if seed else "")
@@ -294,7 +292,7 @@ def result_table(results: dict, curves: dict) -> str:
         trend = f"{c[0]:.0%} -> {c[1]:.0%}" if c else "-"
         slope = f"{10 * c[2]:+.1%} ({10 * (c[2] - c[3]):+.1%}, {10 * (c[2] + c[3]):+.1%})" if c and c[2] == c[2] else "-"
         lines.append(f"| {label} | {r['right']}/{r['n']} = {r['accuracy']:.1%} | {r['low']:.1%}-{r['high']:.1%} | "
-                     f"{change} | {trend} | {slope} | {r['words']:.1f} | {share(r['distinct_1'])} | {share(r['distinct_2'])} | "
+                     f"{change} | {trend} | {slope} | {r['words']:.1f} | {fmt_value(r['distinct_1'], 3)} | {fmt_value(r['distinct_2'], 3)} | "
                      f"{r['truncated']:.0%} |")
     return "\n".join(lines)
 
@@ -313,6 +311,31 @@ def family_table(answers: dict[str, list[dict]], kept: list[str]) -> str:
 
 
 # --- the experiment ----------------------------------------------------------------------------------------
+
+SETTINGS_KEYS = ("gen", "verifier", "steps", "lr", "group_size", "prompts_per_step", "max_new_tokens", "seed", "seeds",
+                 "keep_all", "machine")  # what settings.json holds (run_quiz writes it, the report reads it)
+PREMISE_KEYS = ("n", "disc_verifier", "disc_self", "disc_random", "greedy", "groups", "sampled", "mixed",
+                "agree_token_verifier", "agree_sequence_verifier", "agree_token_self")  # each family's row, less
+# the columns added later (dodge_*, agree_rkl_verifier), which a rerun adds or the table shows as "-"
+
+
+def read_settings(path: Path) -> dict:
+    """A quiz folder's settings.json, or one line naming the file."""
+    settings = read_json(path)
+    if not isinstance(settings, dict) or not set(SETTINGS_KEYS) <= set(settings):
+        raise ValueError(f"{path}: not a quiz's settings (a JSON object with {', '.join(SETTINGS_KEYS)}); "
+                         f"delete it and rerun python quiz.py --out DIR")
+    return settings
+
+
+def read_premise(path: Path) -> dict:
+    """A quiz folder's premise.json ({family: {PREMISE_KEYS...}}), or one line naming the file."""
+    rows = read_json(path)
+    if not isinstance(rows, dict) or not all(isinstance(r, dict) and set(PREMISE_KEYS) <= set(r) for r in rows.values()):
+        raise ValueError(f"{path}: not a quiz's premise (a JSON object of families, each with "
+                         f"{', '.join(PREMISE_KEYS)}); delete it and rerun python quiz.py --out DIR to measure it again")
+    return rows
+
 
 def keep_file(path: Path, text: str) -> None:
     """Write `text` to `path` unless it already holds it (a rerun leaves finished files untouched)."""
@@ -347,7 +370,7 @@ def run_quiz(gen: str = REAL_GEN, verifier: str = REAL_VERIFIER, out: str = "run
     keep_file(out / "settings.json", json.dumps(settings, indent=1))
     premise_file = out / "premise.json"
     if premise_file.exists():
-        rows = json.loads(premise_file.read_text())
+        rows = read_premise(premise_file)
         if any(f"dodge_{name}" not in r for r in rows.values() for name in DODGE_SCORERS):  # a folder from before
             scorers = {"verifier": Verifier(*load_causal_lm(verifier, device=dev)),  # the dodge columns existed
                        "self": Verifier(*load_causal_lm(gen, device=dev))}
@@ -429,7 +452,7 @@ def report(folder: Path) -> dict:
     for name in ("settings.json", "premise.json", "before.answers.jsonl"):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} has no {name}: not a quiz folder (python quiz.py --out DIR makes one)")
-    settings, rows = read_json(folder / "settings.json"), read_json(folder / "premise.json")
+    settings, rows = read_settings(folder / "settings.json"), read_premise(folder / "premise.json")
     kept = list(rows) if settings["keep_all"] else keep(rows)
     asked = {q.prompt: q for qs in questions(settings["seed"]).values() for q in qs}
 

@@ -189,9 +189,33 @@ def test_fast_mode_interrupted_then_resumed_then_a_rerun_reuses_every_stage_and_
     assert quiz.main(["report", str(out / "eq1"), "--docs", str(page)]) == 2
     assert quiz.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no settings.json: not a quiz folder" in capsys.readouterr().err
+    good = {name: (kept / name).read_text() for name in ("settings.json", "premise.json")}
+    assert set(json.loads(good["settings.json"])) == set(quiz.SETTINGS_KEYS)
     (kept / "settings.json").write_text("{cut off")
     assert quiz.main(["report", str(kept)]) == 2
     assert f"{kept / 'settings.json'}:1: not valid JSON" in capsys.readouterr().err
+    premise = json.loads(good["premise.json"])
+    no_greedy = {f: {k: v for k, v in r.items() if k != "greedy"} for f, r in premise.items()}
+    for name, text, says in [("settings.json", "NaN", "not a quiz's settings"),
+                             ("settings.json", "[]", "not a quiz's settings"),
+                             ("settings.json", json.dumps({"seed": 0}), "not a quiz's settings"),
+                             ("premise.json", "[1]", "not a quiz's premise"),
+                             ("premise.json", json.dumps({"add": 1}), "not a quiz's premise"),
+                             ("premise.json", json.dumps(no_greedy), "not a quiz's premise")]:
+        (kept / name).write_text(text)
+        assert quiz.main(["report", str(kept)]) == 2, (name, text)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"quiz.py report: {kept / name}: {says}") and len(err.splitlines()) == 1
+        (kept / name).write_text(good[name])
+    # a premise measured before the dodge and rkl columns: the report shows them as "-"
+    (kept / "premise.json").write_text(json.dumps({f: {k: v for k, v in r.items() if not k.startswith("dodge_")
+                                                       and k != "agree_rkl_verifier"} for f, r in premise.items()}))
+    row = next(x for x in quiz.report(kept)["text"].splitlines() if x.startswith("| add |"))
+    assert row.split(" | ")[5:7] == ["-", "-"] and row.split(" | ")[13] == "-"
+    # and a rerun of the experiment refuses a premise.json that is not one, before any work
+    (out / "premise.json").write_text("[1]")
+    assert quiz.main(["--fast", "--out", str(out)]) == 2
+    assert f"{out / 'premise.json'}: not a quiz's premise" in capsys.readouterr().err
 
 
 def test_a_run_longer_than_one_epoch_of_its_questions_reaches_its_last_step(tmp_path):
